@@ -60,3 +60,8 @@ class HFBackend:
             for i, text in zip(idx, self._generate([prompts[i] for i in idx], sampling)):
                 texts[i] = text
         return texts
+
+
+def build(cfg, *, model, renderer: Renderer, **_):
+    """An HFBackend over an already loaded `model` (`cfg.batch_size` rows per generate call)."""
+    return HFBackend(model, renderer, batch_size=int(cfg.get("batch_size", 16)), name=str(cfg.get("label", "hf")))
