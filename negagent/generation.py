@@ -1,0 +1,418 @@
+"""Trajectory collection: a teacher answers a task's training questions through the shared agent loop.
+
+A run is (questions x samples): sample `s` is drawn at temperature `temperatures[s //
+samples_per_temperature]` with `sampling.seed = seed * 100003 + s`, so every (question, sample)
+has its own fixed sampling settings. Episodes are labelled by the task's scoring inside
+`run_episodes`; nothing here looks at how an episode was produced.
+
+Files in the output directory:
+
+    collection.json     what the directory holds (task, teacher, protocol, seed); a run with other
+                        settings refuses the directory instead of mixing data
+    episodes.jsonl      every episode, append-only, flushed and fsynced per record: the resume ledger
+    trajectories.jsonl  the training set under the protocol's `keep` rule (append-only too):
+                        `all`, or `one_positive` (the paper: the first positive of each question
+                        and every negative)
+    stats.json          positives, negatives, failure types, length distribution, teacher usage
+
+Re-running the same command resumes: episodes already in episodes.jsonl are not run again, and
+trajectories.jsonl is brought up to date with them first (a kill between the two writes is healed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from negagent.agent import Sampling, run_episodes
+from negagent.errors import NegagentError
+from negagent.trajectory import Trajectory, TrajectoryWriter, load_trajectories
+
+EPISODES = "episodes.jsonl"
+TRAJECTORIES = "trajectories.jsonl"
+IDENTITY = "collection.json"
+STATS = "stats.json"
+KEEP_RULES = ("all", "one_positive")
+_SEED_STRIDE = 100_003  # sample seeds of different run seeds never coincide (fewer samples than this)
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _group_default(group: str, name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(_CONF / group / f"{name}.yaml"), resolve=True)
+
+
+def with_defaults(cfg: Mapping[str, Any]) -> dict:
+    """`cfg` with the groups collection needs filled in where absent (scripted teacher, paper protocol),
+    so callers outside generate.py (train.py collecting its default data) pass only what they have."""
+    full = dict(_plain(cfg))
+    defaults = {"teacher": "scripted", "protocol": "paper", "tools": "default"}
+    for group, name in defaults.items():
+        if not full.get(group):
+            full[group] = _group_default(group, name)
+    full.setdefault("seed", 0)
+    full.setdefault("generation", {})
+    full.setdefault("render", {})
+    return full
+
+
+def protocol_settings(protocol: Mapping[str, Any]) -> tuple[list[float], int, str]:
+    """(temperatures, samples per temperature, keep rule) of the `protocol` config, checked."""
+    temperatures = protocol.get("temperatures")
+    if isinstance(temperatures, (int, float)):
+        temperatures = [temperatures]
+    if not temperatures or not all(isinstance(t, (int, float)) and t >= 0 for t in temperatures):
+        raise NegagentError(f"protocol.temperatures={temperatures!r}: expected a list of numbers >= 0")
+    per = protocol.get("samples_per_temperature", 1)
+    if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+        raise NegagentError(f"protocol.samples_per_temperature={per!r}: expected an integer >= 1")
+    keep = protocol.get("keep", "all")
+    if keep not in KEEP_RULES:
+        raise NegagentError(f"protocol.keep={keep!r}: choose one of: {', '.join(KEEP_RULES)}")
+    return [float(t) for t in temperatures], per, keep
+
+
+def teacher_label(cfg: Mapping[str, Any]) -> str:
+    """The teacher's name in provenance and in the directory's identity, e.g. `openai:gpt-4o-mini`."""
+    teacher = cfg["teacher"]
+    if teacher.get("label"):
+        return str(teacher["label"])
+    name = teacher.get("name")
+    if name == "openai":
+        return f"openai:{teacher.get('model')}"
+    if name == "hf":
+        return f"hf:{(cfg.get('model') or {}).get('name', 'model')}"
+    return str(name)
+
+
+# --- the run's directory ------------------------------------------------------------------------
+
+
+def _check_identity(out_dir: Path, identity: dict) -> None:
+    """Refuse a directory collected with other settings (it is only read here)."""
+    path = out_dir / IDENTITY
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise NegagentError(f"{path}: not valid JSON ({exc.msg}); this directory cannot be resumed") from None
+    for key, value in identity.items():
+        if stored.get(key) != value:
+            raise NegagentError(
+                f"{out_dir / EPISODES} was collected with {key}={stored.get(key)!r}, this run has "
+                f"{key}={value!r}: choose another output directory (hydra.run.dir) or the same settings"
+            )
+
+
+def _write_identity(out_dir: Path, identity: dict) -> None:
+    path = out_dir / IDENTITY
+    if path.is_file():
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load(path: Path, task: str) -> list[Trajectory]:
+    if not path.is_file() or not path.read_bytes().strip():
+        return []
+    try:
+        records, stats = load_trajectories(path, skip_bad=True, task=task)
+    except NegagentError as exc:
+        if "no valid trajectories" in str(exc):  # only a torn line: nothing collected yet
+            return []
+        raise
+    if stats.skipped:
+        raise NegagentError(f"{stats.skipped[0]}; fix or remove that line, then re-run to resume")
+    return records
+
+
+def _check_records(path: Path, records: Iterable[Trajectory], teacher: str) -> None:
+    for traj in records:
+        other = traj.provenance.get("teacher")
+        if other != teacher:
+            raise NegagentError(
+                f"{path}: episode {traj.id} comes from teacher {other!r}, this run's teacher is "
+                f"{teacher!r}: choose another output directory (hydra.run.dir)"
+            )
+
+
+class _Keeper:
+    """The protocol's keep rule, applied the same way online and when healing after a kill."""
+
+    def __init__(self, keep: str, kept: Iterable[Trajectory]):
+        self.keep = keep
+        self.kept_ids = set()
+        self.positive_questions = set()
+        for traj in kept:
+            self._note(traj)
+
+    def _note(self, traj: Trajectory) -> None:
+        self.kept_ids.add(traj.id)
+        if traj.reward:
+            self.positive_questions.add(traj.question_id)
+
+    def admit(self, traj: Trajectory) -> bool:
+        if traj.id in self.kept_ids:
+            return False
+        if self.keep == "one_positive" and traj.reward and traj.question_id in self.positive_questions:
+            return False
+        self._note(traj)
+        return True
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def _distribution(values: list[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pct(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    return {"min": ordered[0], "p50": pct(0.5), "p90": pct(0.9), "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 2)}
+
+
+def summarize(episodes: list[Trajectory], kept: list[Trajectory]) -> dict:
+    """Counts and length distributions of the collected episodes and of the kept training set."""
+    by_temperature: dict[str, Counter] = defaultdict(Counter)
+    for traj in episodes:
+        by_temperature[f"{float(traj.provenance.get('temperature', 0)):g}"][
+            "positives" if traj.reward else "negatives"] += 1
+    questions = {t.question_id for t in episodes}
+    solved = {t.question_id for t in episodes if t.reward}
+    turns = [int(t.stats.get("turns", 0)) for t in episodes]
+    chars = [sum(len(m["content"]) for m in t.messages if m["role"] == "assistant") for t in episodes]
+    return {
+        "episodes": {
+            "total": len(episodes),
+            "positives": sum(t.reward for t in episodes),
+            "negatives": sum(not t.reward for t in episodes),
+            "failure_types": dict(Counter(t.failure for t in episodes if not t.reward).most_common()),
+            "by_temperature": {k: dict(v) for k, v in sorted(by_temperature.items())},
+            "turns": {**_distribution(turns), "histogram": dict(sorted(Counter(turns).items()))},
+            "assistant_chars": _distribution(chars),
+        },
+        "questions": {"total": len(questions), "solved": len(solved), "unsolved": len(questions - solved)},
+        "kept": {
+            "total": len(kept),
+            "positives": sum(t.reward for t in kept),
+            "negatives": sum(not t.reward for t in kept),
+        },
+    }
+
+
+def _add_usage(total: dict, run: Mapping[str, Any]) -> dict:
+    out = dict(total)
+    for key, value in run.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = round(out.get(key, 0) + value, 6)
+        elif isinstance(value, dict):
+            out[key] = _add_usage(out.get(key, {}), value)
+    return out
+
+
+def print_stats(stats: Mapping[str, Any]) -> None:
+    ep, kept, run = stats["episodes"], stats["kept"], stats["this_run"]
+    usage = run.get("teacher_usage", {})
+    lines = [
+        f"episodes: {ep['total']} (positives {ep['positives']}, negatives {ep['negatives']}); "
+        f"this run collected {run['collected']} in {run['seconds']:.1f}s",
+        f"failure types: {json.dumps(ep['failure_types'])}",
+        f"turns: {json.dumps({k: v for k, v in ep['turns'].items() if k != 'histogram'})}; "
+        f"assistant chars: {json.dumps(ep['assistant_chars'])}",
+        f"kept ({stats['protocol']['keep']}): {kept['total']} (positives {kept['positives']}, "
+        f"negatives {kept['negatives']})",
+    ]
+    if "prompt_tokens" in usage:
+        cost = f", cost ${usage['cost_usd']:.4f}" if "cost_usd" in usage else ""
+        lines.append(
+            f"teacher: {usage['requests']} requests, {usage.get('retries', 0)} retries "
+            f"{json.dumps(usage.get('retry_reasons', {}))}, tokens in/out "
+            f"{usage.get('prompt_tokens', 0)}/{usage.get('completion_tokens', 0)}{cost}"
+        )
+    print("\n".join(lines), flush=True)
+
+
+# --- the collection run -------------------------------------------------------------------------
+
+
+def _build_teacher(cfg: Mapping[str, Any], task, label: str):
+    from negagent.backends import build_backend
+
+    teacher = {**cfg["teacher"], "label": label}
+    if teacher.get("name") == "hf":
+        from negagent.models import load_model, load_tokenizer
+        from negagent.render import Renderer
+
+        if not cfg.get("model"):
+            raise NegagentError("teacher=hf needs a model config (model=...)")
+        render = cfg.get("render") or {}
+        renderer = Renderer(load_tokenizer(cfg["model"]), max_length=int(render.get("max_length", 4096)),
+                            end_of_turn=render.get("end_of_turn"))
+        return build_backend(teacher, model=load_model(cfg["model"]), renderer=renderer, task=task)
+    return build_backend(teacher, task=task)
+
+
+def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None) -> dict:
+    """Collect the trajectories `cfg` describes into `out_dir`, resuming what is there; returns stats.
+
+    `cfg` is a generate config (generate.yaml) as a dict or DictConfig: `task` is required; `teacher`,
+    `protocol` and `tools` default to scripted / paper / default; `seed`, `generation.max_new_tokens`,
+    `generation.top_p`, `generation.chunk_size`, `generation.progress`, `render.instructions_role` are
+    optional. `backend` replaces the one the teacher config would build (it must carry the same
+    label). The training file is `out_dir/trajectories.jsonl`.
+    """
+    from negagent.tasks import get_task
+    from negagent.tools import build_tool_cache, build_toolbox
+
+    cfg = with_defaults(cfg)
+    out_dir = Path(out_dir)
+    task = get_task(cfg["task"])
+    temperatures, per_temperature, keep = protocol_settings(cfg["protocol"])
+    label = backend.name if backend is not None else teacher_label(cfg)
+    seed = int(cfg.get("seed") or 0)
+    generation = cfg.get("generation") or {}
+    identity = {
+        "task": task.name, "teacher": label, "temperatures": temperatures,
+        "samples_per_temperature": per_temperature, "seed": seed, "keep": keep,
+    }
+    _check_identity(out_dir, identity)  # before anything is read or written
+    episodes_path, kept_path = out_dir / EPISODES, out_dir / TRAJECTORIES
+    episodes = _load(episodes_path, task.name)
+    kept = _load(kept_path, task.name)
+    _check_records(episodes_path, episodes, label)
+    _check_records(kept_path, kept, label)
+
+    questions = task.train_questions()
+    done = {traj.id for traj in episodes}
+    samples = range(len(temperatures) * per_temperature)
+    pending = {s: [q for q in questions if f"{q.id}-s{s}" not in done] for s in samples}
+    n_pending = sum(len(qs) for qs in pending.values())
+
+    tools_cfg = cfg.get("tools") or {}
+    toolbox = build_toolbox(task.tools, tools_cfg, build_tool_cache(tools_cfg.get("cache") or {}))
+
+    def call_tool(name: str, argument: str) -> tuple[str, bool]:
+        result = toolbox.call(name, argument)
+        return result.observation, result.ok
+
+    render = cfg.get("render") or {}
+    provenance = {
+        "teacher": label,
+        "protocol": cfg["protocol"].get("name", keep),
+        "tools": list(task.tools),
+        "tool_backend": (tools_cfg.get("search") or {}).get("backend") if "search" in task.tools else None,
+        "prompt": hashlib.sha256(task.instructions.encode()).hexdigest()[:12],
+        "instructions_role": render.get("instructions_role", "system"),
+    }
+    # The teacher is built before anything is written: a wrong URL, model or key leaves no trace.
+    teacher = None
+    if n_pending:
+        teacher = backend if backend is not None else _build_teacher(cfg, task, label)
+    keeper = _Keeper(keep, kept)
+    started, collected = time.monotonic(), 0
+    try:
+        _write_identity(out_dir, identity)
+        with TrajectoryWriter(episodes_path) as all_writer, TrajectoryWriter(kept_path) as kept_writer:
+            for traj in episodes:  # heal: episodes a kill left out of the training file
+                if keeper.admit(traj):
+                    kept_writer.write(traj)
+            if n_pending:
+                collected = _run(cfg, task, teacher, pending, temperatures, per_temperature, seed, generation,
+                                 call_tool, provenance, all_writer, kept_writer, keeper, n_pending)
+    finally:
+        usage = dict(getattr(teacher, "stats", {}) or {})
+        if teacher is not None and backend is None and hasattr(teacher, "close"):
+            teacher.close()
+        stats = _write_stats(out_dir, task.name, label, identity, cfg["protocol"], collected,
+                             len(done), time.monotonic() - started, usage)
+    return stats
+
+
+def _run(cfg, task, teacher, pending, temperatures, per_temperature, seed, generation, call_tool,
+         provenance, all_writer, kept_writer, keeper, n_pending) -> int:
+    from tqdm import tqdm
+
+    chunk = int(generation.get("chunk_size") or 256)
+    max_turns = int(cfg["task"].get("max_turns", 7))
+    collected = 0
+    bar = tqdm(total=n_pending, desc=f"collecting ({teacher.name})", unit="ep",
+               disable=not generation.get("progress", True), dynamic_ncols=True)
+    try:
+        for sample, questions in pending.items():
+            sampling = Sampling(
+                temperature=temperatures[sample // per_temperature],
+                max_new_tokens=int(generation.get("max_new_tokens", 256)),
+                top_p=float(generation.get("top_p", 1.0)),
+                seed=seed * _SEED_STRIDE + sample,
+            )
+            for start in range(0, len(questions), chunk):
+                jobs = [(q, sample) for q in questions[start:start + chunk]]
+                for traj in run_episodes(
+                    teacher, task, jobs, call_tool, sampling=sampling, max_turns=max_turns, tag=None,
+                    instructions_role=(cfg.get("render") or {}).get("instructions_role", "system"),
+                    provenance=provenance,
+                ):
+                    all_writer.write(traj)
+                    if keeper.admit(traj):
+                        kept_writer.write(traj)
+                    collected += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+    return collected
+
+
+def _write_stats(out_dir: Path, task: str, label: str, identity: dict, protocol: Mapping[str, Any],
+                 collected: int, resumed: int, seconds: float, usage: dict) -> dict:
+    episodes = _load(out_dir / EPISODES, task)
+    kept = _load(out_dir / TRAJECTORIES, task)
+    previous: dict = {}
+    stats_path = out_dir / STATS
+    if stats_path.is_file():
+        try:
+            previous = json.loads(stats_path.read_text(encoding="utf-8")).get("teacher_usage_total", {})
+        except (json.JSONDecodeError, AttributeError):
+            previous = {}
+    stats = {
+        "task": task,
+        "teacher": label,
+        "protocol": {**{k: v for k, v in protocol.items()}, "keep": identity["keep"]},
+        **summarize(episodes, kept),
+        "this_run": {
+            "collected": collected,
+            "already_there": resumed,
+            "seconds": round(seconds, 3),
+            "episodes_per_s": round(collected / seconds, 3) if seconds > 0 else None,
+            "teacher_usage": usage,
+        },
+        # Usage of runs that ended (a killed run's usage is not known).
+        "teacher_usage_total": _add_usage(previous, usage),
+    }
+    tmp = stats_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, stats_path)
+    print_stats(stats)
+    return stats
