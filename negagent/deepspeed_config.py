@@ -1,0 +1,50 @@
+"""DeepSpeed JSON generated from the `trainer` config.
+
+Batch sizes are explicit (never "auto" for train_batch_size): one micro-batch (a whole planned
+group of samples, see `negagent.batching`) per rank per forward, `grad_accum` micro-batches per
+optimizer step. ZeRO-3 saves gather the 16-bit weights so the final save holds the full model.
+With CPU offload the optimizer is DeepSpeed's own (its CPU Adam); otherwise the Trainer's AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from negagent.errors import NegagentError
+
+STAGES = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+
+
+def check_stage(name: str | None) -> None:
+    if name is not None and name not in STAGES:
+        raise NegagentError(f"trainer.deepspeed={name!r} is not a DeepSpeed setting; choose null or one of: {', '.join(STAGES)}")
+
+
+def build(trainer: Mapping[str, Any], *, world_size: int, bf16: bool) -> dict[str, Any] | None:
+    """The DeepSpeed config dict for `trainer.deepspeed`, or None when DeepSpeed is off."""
+    name = trainer.get("deepspeed")
+    check_stage(name)
+    if name is None:
+        return None
+    grad_accum = int(trainer["grad_accum"])
+    zero: dict[str, Any] = {"stage": STAGES[name], "overlap_comm": False, "contiguous_gradients": True}
+    if STAGES[name] == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0})
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": grad_accum * world_size,
+        "gradient_clipping": float(trainer["max_grad_norm"]),
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own prints would duplicate it
+        "wall_clock_breakdown": False,
+    }
+    if name == "zero3_offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": float(trainer["lr"]), "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": float(trainer["weight_decay"])},
+        }
+    return config

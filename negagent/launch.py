@@ -1,0 +1,162 @@
+"""Distributed launch from a frozen config.
+
+The Hydra process resolves the config once and writes it to `<run_dir>/config.yaml`; training
+ranks are started (torchrun) on this module's plain entry point, which reads that file:
+
+    python -m negagent.launch <run_dir>
+
+So there is one output directory, and ranks never see Hydra or a `--local_rank` argument. One
+process without DeepSpeed trains inside the Hydra process instead.
+
+Run directory rules: a directory with a `done` marker is never written into again; a directory
+holding an unfinished run with the same config is resumed from its last checkpoint; one holding
+a different config is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from negagent.errors import NegagentError, exit_on_user_error
+from negagent.tracking import redact_secrets, run_identity
+
+CONFIG_FILE = "config.yaml"
+DONE = "done"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_config(cfg, overrides: Sequence[str], run_dir: Path, name_excludes: Sequence[str] = ()) -> dict[str, Any]:
+    """The fully resolved config as plain data, with `run` (dir, overrides, name, group) added and
+    secrets redacted: what ranks read and what the run directory keeps. The name and group leave out
+    the keys in `name_excludes` (Hydra's override_dirname exclude_keys: paths, the run dir)."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in set(name_excludes)]
+    resolved["run"] = {"dir": str(run_dir), "overrides": list(overrides), **run_identity(named)}
+    return redact_secrets(resolved)
+
+
+def refuse_finished_run_dir(argv: Sequence[str]) -> None:
+    """Before Hydra writes anything: `hydra.run.dir=D` naming a finished run is an error."""
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            folder = Path(arg.split("=", 1)[1]).expanduser()
+            if (folder / DONE).is_file():
+                raise NegagentError(f"{folder}: a finished run is already there; choose a new hydra.run.dir")
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    return None if a == b else (path or "<root>")
+
+
+def check_run_dir(run_dir: Path, resolved: Mapping[str, Any]) -> bool:
+    """True when `run_dir` holds an unfinished run of this config (resume); errors as above."""
+    if (run_dir / DONE).is_file():
+        raise NegagentError(f"{run_dir}: a finished run is already there; choose a new hydra.run.dir")
+    frozen = run_dir / CONFIG_FILE
+    if not frozen.is_file():
+        return False
+    previous = yaml.safe_load(frozen.read_text())
+    differs = _first_difference(previous, dict(resolved))
+    if differs:
+        raise NegagentError(f"{run_dir}: holds an unfinished run with a different config (at {differs}); "
+                            "rerun its exact command to resume, or choose a new hydra.run.dir")
+    return True
+
+
+def freeze(run_dir: Path, resolved: Mapping[str, Any]) -> Path:
+    path = run_dir / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(dict(resolved), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def available_slots() -> tuple[int, str]:
+    """(processes this machine can host, what they are): GPUs, else CPU cores this process may use."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPUs"
+    return len(os.sched_getaffinity(0)), "CPU cores"
+
+
+def check_nproc(nproc: int) -> None:
+    slots, kind = available_slots()
+    if nproc < 1 or nproc > slots:
+        raise NegagentError(f"trainer.nproc_per_node={nproc} but this machine has {slots} {kind}; use 1..{slots}")
+
+
+def rank_command(run_dir: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "negagent.launch", str(run_dir)]
+
+
+def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
+    """Train: in this process (one rank, no DeepSpeed) or on `nproc_per_node` torchrun ranks."""
+    trainer = resolved["trainer"]
+    nproc = int(trainer["nproc_per_node"])
+    if nproc == 1 and not trainer.get("deepspeed"):
+        from negagent.training import train
+
+        train(resolved, run_dir)
+        return
+    import torch
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: ZeRO on CPU processes
+        env.setdefault("OMP_NUM_THREADS", str(max(1, available_slots()[0] // nproc)))
+    rc = subprocess.call(rank_command(run_dir, nproc), env=env)
+    if rc != 0:
+        raise NegagentError(f"training ranks failed (exit {rc}); the lines above say why; rerun the same command to resume")
+    if not (run_dir / DONE).is_file():
+        raise NegagentError(f"{run_dir}: the ranks exited without a verified final save")
+
+
+def _die_with_launcher() -> None:
+    """Linux: end this rank when its launcher dies. torchrun starts ranks in their own sessions, so a
+    killed launch (SIGKILL, an OOM kill) would otherwise leave ranks training into the run directory
+    while the same command is rerun to resume it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise NegagentError("usage: python -m negagent.launch <run_dir>  (a run directory with config.yaml)")
+    run_dir = Path(args[0])
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise NegagentError(f"{path}: no frozen config; start runs with train.py")
+    _die_with_launcher()
+    from negagent.training import train
+
+    train(yaml.safe_load(path.read_text()), run_dir)
+
+
+if __name__ == "__main__":
+    main()

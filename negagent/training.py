@@ -1,0 +1,325 @@
+"""The training recipe: frozen config -> trained adapter or model, verified, in the run directory.
+
+Reads top to bottom in `train`: arguments (before the model, so ZeRO-3 partitions it while it
+loads), data (the same `negagent.data.prepare` the entry point ran, checked against its manifest),
+micro-batch plan, model (+ LoRA), the HF `Trainer` with this project's loss, resume from the last
+checkpoint, final save, verification, summary, `done`. Run it once per rank; `negagent.launch`
+starts the ranks.
+
+Run directory after a run: config.yaml, manifest.json, the adapter (adapter_model.safetensors +
+adapter_config.json) or the full model (model.safetensors + config.json) with the tokenizer,
+metrics.jsonl, summary.json, ranks/ (per rank: data order and ZeRO partition facts), done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from negagent import batching, checkpoint, deepspeed_config
+from negagent.errors import NegagentError
+from negagent.launch import DONE
+from negagent.tracking import RunTracker
+
+METHODS = ("lora", "full")
+
+
+def samples_digest(samples) -> str:
+    """SHA-256 over the rendered samples (ids, tokens, labels): every rank must train on the same."""
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(json.dumps([s.id, s.input_ids, s.labels]).encode())
+    return digest.hexdigest()
+
+
+# -- settings -------------------------------------------------------------------------------------
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) of this process (torchrun/deepspeed set RANK and WORLD_SIZE)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_bf16(setting: Any) -> bool:
+    """`auto`: bf16 where the hardware has it (a CUDA GPU with bf16); CPUs train in fp32."""
+    if setting == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if isinstance(setting, bool):
+        return setting
+    raise NegagentError(f"trainer.bf16={setting!r} is not auto, true or false")
+
+
+def resolve_grad_accum(trainer: Mapping[str, Any], world_size: int) -> int:
+    """`grad_accum`, or the one that makes `global_batch_size` samples per optimizer step."""
+    per_step = int(trainer["per_device_batch_size"]) * world_size
+    target = trainer.get("global_batch_size")
+    if not target:
+        return int(trainer["grad_accum"])
+    if int(target) % per_step:
+        raise NegagentError(
+            f"trainer.global_batch_size={target} is not a multiple of per_device_batch_size x ranks = {per_step}"
+        )
+    return int(target) // per_step
+
+
+def check_trainer_config(trainer: Mapping[str, Any]) -> None:
+    """One-line errors for settings that would otherwise fail deep inside a rank."""
+    if trainer.get("method") not in METHODS:
+        raise NegagentError(f"trainer.method={trainer.get('method')!r} is not one of {', '.join(METHODS)}")
+    deepspeed_config.check_stage(trainer.get("deepspeed"))
+    if trainer.get("batching") not in batching.MODES:
+        raise NegagentError(f"trainer.batching={trainer.get('batching')!r} is not one of {', '.join(batching.MODES)}")
+    if trainer.get("loss_norm") not in batching.LOSS_NORMS:
+        raise NegagentError(f"trainer.loss_norm={trainer.get('loss_norm')!r} is not one of {', '.join(batching.LOSS_NORMS)}")
+    resolve_bf16(trainer.get("bf16"))
+    for key in ("per_device_batch_size", "grad_accum", "nproc_per_node", "save_steps", "logging_steps"):
+        if int(trainer.get(key, 1)) < 1:
+            raise NegagentError(f"trainer.{key}={trainer.get(key)} must be at least 1")
+
+
+# -- the Trainer with this project's loss ---------------------------------------------------------
+def _trainer_class():
+    from transformers import Trainer
+
+    class NegagentTrainer(Trainer):
+        """HF Trainer whose loss is `negagent.loss` with a normaliser over the whole optimizer step.
+
+        The normaliser (sum of `weights` over every micro-batch of the step, on every rank) is
+        computed once per step; each micro-batch's loss is its weighted sum over that, times the
+        number of ranks because DeepSpeed/DDP average gradients across ranks.
+        """
+
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, order_log: Path | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.order_log = order_log
+            self.token_counts = torch.zeros(2, dtype=torch.float64)  # real, trained tokens (this rank)
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            total = sum(b["weights"].sum().double() for b in batch_samples) if batch_samples else torch.zeros((), dtype=torch.float64)
+            total = torch.as_tensor(total, dtype=torch.float64, device=device).reshape(1)
+            if self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            return total.reshape(())
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from negagent.loss import weighted_loss_sum
+
+            targets, weights = inputs.pop("targets"), inputs.pop("weights")
+            sample_index = inputs.pop("sample_index")
+            if model.training and self.order_log is not None:
+                with self.order_log.open("a") as fh:
+                    fh.write(json.dumps({"step": self.state.global_step, "samples": sample_index.tolist()}) + "\n")
+            self.token_counts += torch.tensor([batching.real_tokens(inputs), int((targets != -100).sum())], dtype=torch.float64)
+            outputs = model(**inputs, use_cache=False)
+            normaliser = num_items_in_batch if num_items_in_batch is not None else weights.sum()
+            loss = weighted_loss_sum(outputs.logits, targets, weights) / normaliser.to(outputs.logits.device).float()
+            loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return NegagentTrainer
+
+
+def _metrics_callback(tracker: RunTracker | None, final: dict[str, Any]):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero:
+                return
+            if "loss" in logs:
+                final["final_loss"] = float(logs["loss"])
+                final["final_step"] = state.global_step
+            if tracker is not None:
+                tracker.log(logs, state.global_step)
+
+    return MetricsCallback()
+
+
+# -- pieces of the recipe -------------------------------------------------------------------------
+def training_arguments(cfg: Mapping[str, Any], run_dir: Path, world_size: int):
+    from transformers import TrainingArguments
+
+    trainer = cfg["trainer"]
+    bf16 = resolve_bf16(trainer["bf16"])
+    grad_accum = resolve_grad_accum(trainer, world_size)
+    ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=bf16)
+    on_cpu = not torch.cuda.is_available()
+    extra: dict[str, Any] = {}
+    if on_cpu and ds is not None and world_size > 1:
+        extra["accelerator_config"] = {"use_configured_state": True}
+        _deepspeed_state_on_cpu()
+    return TrainingArguments(**extra,
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=1,  # one planned micro-batch per forward (see negagent.batching)
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=float(trainer["epochs"]),
+        max_steps=int(trainer["max_steps"]),
+        learning_rate=float(trainer["lr"]),
+        lr_scheduler_type=str(trainer["scheduler"]),
+        warmup_steps=float(trainer["warmup_ratio"]),  # a fraction of the steps when below 1
+        weight_decay=float(trainer["weight_decay"]),
+        max_grad_norm=float(trainer["max_grad_norm"]),
+        bf16=bf16,
+        gradient_checkpointing=bool(trainer["gradient_checkpointing"]),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if trainer["gradient_checkpointing"] else None,
+        save_strategy="steps",
+        save_steps=int(trainer["save_steps"]),
+        save_total_limit=trainer.get("save_total_limit"),
+        logging_steps=int(trainer["logging_steps"]),
+        logging_first_step=True,
+        report_to="none",  # metrics go through negagent.tracking
+        seed=int(cfg["seed"]),
+        data_seed=int(cfg["seed"]),
+        deepspeed=ds,
+        use_cpu=on_cpu and ds is None,
+        # On CPU, accelerate only sets up ranks when given a backend (with or without DeepSpeed).
+        ddp_backend="gloo" if on_cpu and world_size > 1 else None,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def _deepspeed_state_on_cpu() -> None:
+    """Set up accelerate's process state for DeepSpeed ranks on CPU.
+
+    accelerate only finds a CPU backend when told one, and the Trainer passes none with DeepSpeed,
+    so it would see one process per rank (each rank then trains on all the data). Configured here
+    with gloo and handed to the Trainer through `use_configured_state`.
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        state = PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    if state.num_processes != int(os.environ.get("WORLD_SIZE", 1)):
+        raise NegagentError(f"DeepSpeed on CPU: {state.num_processes} ranks set up, expected {os.environ.get('WORLD_SIZE')}")
+
+
+def build_model(cfg: Mapping[str, Any]):
+    """The model from `cfg.model`, wrapped with a LoRA adapter when `trainer.method=lora`."""
+    from negagent.models import load_model
+
+    trainer = cfg["trainer"]
+    model = load_model(cfg["model"])
+    model.config.use_cache = False
+    if trainer["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = trainer["lora"]
+        targets = cfg["model"].get("lora_target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        model = get_peft_model(model, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                                                 target_modules=list(targets), task_type="CAUSAL_LM"))
+        if trainer["gradient_checkpointing"]:
+            model.enable_input_require_grads()
+    return model
+
+
+def _samples(cfg: Mapping[str, Any], run_dir: Path):
+    from negagent.data import prepare
+    from negagent.models import load_tokenizer
+    from negagent.render import Renderer
+    from negagent.tasks import get_task
+
+    tokenizer = load_tokenizer(cfg["model"])
+    renderer = Renderer(tokenizer, max_length=int(cfg["render"]["max_length"]), end_of_turn=cfg["render"].get("end_of_turn"))
+    samples, manifest = prepare(cfg, get_task(cfg["task"]), renderer)
+    frozen = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    if frozen.get("samples_sha256") not in (None, samples_digest(samples)):
+        raise NegagentError(f"{run_dir}/manifest.json: the training data changed since this run started "
+                            f"({manifest['trajectories']}); start a new run directory")
+    return samples, tokenizer
+
+
+def _partition_facts(model: torch.nn.Module) -> dict[str, int]:
+    params = list({id(p): p for p in model.parameters()}.values())
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return {"param_elements": full, "local_param_elements": local}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+# -- the recipe -----------------------------------------------------------------------------------
+def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Train this rank per the frozen `cfg`; returns the summary (rank 0 writes it and `done`)."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run_dir = Path(run_dir)
+    rank, world_size = distributed_env()
+    is_main = rank == 0
+    trainer_cfg = cfg["trainer"]
+    check_trainer_config(trainer_cfg)
+    args = training_arguments(cfg, run_dir, world_size)  # first: sets up ZeRO-3 partitioned loading
+    samples, tokenizer = _samples(cfg, run_dir)
+    plan = batching.plan_micro_batches([len(s.input_ids) for s in samples], int(trainer_cfg["per_device_batch_size"]),
+                                       trainer_cfg["batching"], seed=int(cfg["seed"]), world_size=world_size)
+    dataset = batching.MicroBatches(samples, plan, mode=trainer_cfg["batching"], pad_id=tokenizer.pad_token_id,
+                                    loss_norm=trainer_cfg["loss_norm"])
+    set_seed(int(cfg["seed"]))
+    model = build_model(cfg)
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    tracker = RunTracker(run_dir, cfg) if is_main else None
+    final: dict[str, Any] = {}
+    started = time.time()
+    try:
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=dataset, data_collator=batching.first_item, processing_class=tokenizer,
+            callbacks=[_metrics_callback(tracker, final)], order_log=run_dir / "ranks" / f"rank{rank}.order.jsonl",
+        )
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if resume and is_main:
+            print(f"resuming from {resume}", flush=True)
+        result = trainer.train(resume_from_checkpoint=resume)
+        facts = _partition_facts(trainer.model)
+        tokens = _all_reduce_sum(trainer.token_counts)
+        trainer.save_model(str(run_dir))
+        verified = checkpoint.verify_saved_model(trainer.model, run_dir, adapter=trainer_cfg["method"] == "lora", is_main=is_main)
+        (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "world_size": world_size, "deepspeed": trainer_cfg.get("deepspeed"),
+            "micro_batches": len(plan) // world_size, **facts,
+        }, indent=2))
+        runtime = float(result.metrics.get("train_runtime", time.time() - started))
+        summary = {
+            "model": cfg["model"]["name"], "method": trainer_cfg["method"], "deepspeed": trainer_cfg.get("deepspeed"),
+            "ranks": world_size, "batching": trainer_cfg["batching"], "loss_norm": trainer_cfg["loss_norm"],
+            "samples": len(samples), "micro_batches": len(plan), "steps": trainer.state.global_step,
+            "resumed_from": Path(resume).name if resume else None,
+            "final_loss": final.get("final_loss"), "mean_train_loss": result.training_loss,
+            "real_tokens": int(tokens[0]), "trained_tokens": int(tokens[1]),
+            "train_seconds": round(runtime, 2),
+            "tokens_per_s": round(float(tokens[0]) / runtime, 1) if runtime > 0 else None,
+            "saved": {"kind": "adapter" if trainer_cfg["method"] == "lora" else "model", **verified},
+        }
+        if is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            tracker.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            if not trainer_cfg.get("keep_checkpoints", False):
+                shutil.rmtree(args.output_dir, ignore_errors=True)
+            (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+            print(f"done: {run_dir} (final loss {summary['final_loss']}, {summary['tokens_per_s']} tokens/s)", flush=True)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    if tracker is not None:
+        tracker.finish(exit_code=0)
+    return summary
+
