@@ -18,8 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from negagent import launch
-from negagent.config import check_group_overrides
+from negagent import launch, sweep
+from negagent.config import CONF_DIR, check_group_overrides
 from negagent.data import prepare
 from negagent.errors import exit_on_user_error
 from negagent.models import load_tokenizer
@@ -33,26 +33,68 @@ from negagent.training import check_trainer_config, samples_digest
 def main(cfg: DictConfig) -> None:
     hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    excluded = list(hydra_cfg.job.config.override_dirname.exclude_keys)
-    resolved = launch.resolve_config(cfg, list(hydra_cfg.overrides.task), run_dir, name_excludes=excluded)
+    if sweep.skip_if_done(run_dir, cfg):
+        return
+    resolved = launch.resolve_config(cfg, list(hydra_cfg.overrides.task), run_dir)
     check_trainer_config(resolved["trainer"])
     launch.check_nproc(int(resolved["trainer"]["nproc_per_node"]))
-    resuming = launch.check_run_dir(run_dir, resolved)
-    task = get_task(resolved["task"])
-    tokenizer = load_tokenizer(resolved["model"])
-    renderer = Renderer(tokenizer, max_length=resolved["render"]["max_length"], end_of_turn=resolved["render"]["end_of_turn"])
-    samples, manifest = prepare(resolved, task, renderer)
-    manifest["samples_sha256"] = samples_digest(samples)
-    for sample in samples[: cfg.data.preview]:
-        print(f"--- sample {sample.id} (positive={sample.positive}) ---\n{renderer.debug_view(sample)}")
-    print(json.dumps(manifest["samples"], indent=2))
-    if not resuming:
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        launch.freeze(run_dir, resolved)
-    launch.run(run_dir, resolved)
+    collecting = not resolved["data"]["trajectories"]
+    if collecting:
+        resolved["data"]["trajectories"] = str(run_dir / "collected" / "trajectories.jsonl")
+    state = launch.check_run_dir(run_dir, resolved)
+    if state != "trained":
+        if collecting:
+            collect_default_data(resolved, run_dir)
+        task = get_task(resolved["task"])
+        tokenizer = load_tokenizer(resolved["model"])
+        renderer = Renderer(tokenizer, max_length=resolved["render"]["max_length"], end_of_turn=resolved["render"]["end_of_turn"])
+        samples, manifest = prepare(resolved, task, renderer)
+        manifest["samples_sha256"] = samples_digest(samples)
+        for sample in samples[: cfg.data.preview]:
+            print(f"--- sample {sample.id} (positive={sample.positive}) ---\n{renderer.debug_view(sample)}")
+        print(json.dumps(manifest["samples"], indent=2))
+        if state == "new":
+            (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            launch.freeze(run_dir, resolved)
+        launch.run(run_dir, resolved)
+    outputs = ["manifest.json"]
+    if resolved["trainer"].get("evaluate_after"):
+        outputs += evaluate_after_training(resolved, run_dir)
+    sweep.mark_done(run_dir, cfg, outputs=outputs)
+
+
+def collect_default_data(resolved: dict, run_dir: Path) -> None:
+    """With no `data.trajectories`, collect the task's trajectories into `<run_dir>/collected` first
+    (resuming a partial collection).
+
+    The collection depends only on the task and `collect.*` (not on the training seed or strategy),
+    so every member of a comparison trains on identical data.
+    """
+    from negagent.generation import collect
+
+    collect({**resolved["collect"], "task": resolved["task"], "data_dir": resolved.get("data_dir")}, run_dir / "collected")
+
+
+def evaluate_after_training(resolved: dict, run_dir: Path) -> list[str]:
+    """Evaluate the trained model (and, with `eval.compare_base`, the base model); print the table."""
+    from negagent.evaluation import evaluate_run
+    from negagent.baseline import evaluate_base, print_comparison
+
+    overrides = {"task": {k: resolved["task"][k] for k in ("limit_test",) if k in resolved["task"]},
+                 "data_dir": resolved.get("data_dir"), "cache_dir": resolved.get("cache_dir"),
+                 **resolved["eval"]["evaluator"]}
+    trained = evaluate_run(run_dir, overrides)
+    outputs = ["eval/metrics.json"]
+    if resolved["eval"].get("compare_base"):
+        base = evaluate_base(resolved, overrides, run_dir / "eval_base")
+        outputs.append("eval_base/metrics.json")
+        print_comparison(base, trained, resolved)
+    return outputs
 
 
 if __name__ == "__main__":
     exit_on_user_error(check_group_overrides)(sys.argv[1:])
+    if exit_on_user_error(sweep.show_sweep_config)(sys.argv[1:], CONF_DIR, "train", "train"):
+        sys.exit(0)
     exit_on_user_error(launch.refuse_finished_run_dir)(sys.argv[1:])
     main()

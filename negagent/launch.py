@@ -24,11 +24,12 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from negagent.sweep import DONE_FILE  # the whole run finished (training and evaluation)
 from negagent.errors import NegagentError, exit_on_user_error
 from negagent.tracking import redact_secrets, run_identity
 
 CONFIG_FILE = "config.yaml"
-DONE = "done"
+DONE = "done"  # training finished: final weights saved and verified
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,11 +46,15 @@ def resolve_config(cfg, overrides: Sequence[str], run_dir: Path, name_excludes: 
 
 
 def refuse_finished_run_dir(argv: Sequence[str]) -> None:
-    """Before Hydra writes anything: `hydra.run.dir=D` naming a finished run is an error."""
+    """Before Hydra writes anything: `hydra.run.dir=D` naming a finished run is an error.
+
+    Finished means the whole run (training and any evaluation after it) marked itself complete
+    (`done.json`); a run trained but not yet evaluated is resumed instead.
+    """
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
             folder = Path(arg.split("=", 1)[1]).expanduser()
-            if (folder / DONE).is_file():
+            if (folder / DONE_FILE).is_file():
                 raise NegagentError(f"{folder}: a finished run is already there; choose a new hydra.run.dir")
 
 
@@ -63,19 +68,21 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else (path or "<root>")
 
 
-def check_run_dir(run_dir: Path, resolved: Mapping[str, Any]) -> bool:
-    """True when `run_dir` holds an unfinished run of this config (resume); errors as above."""
-    if (run_dir / DONE).is_file():
-        raise NegagentError(f"{run_dir}: a finished run is already there; choose a new hydra.run.dir")
+def check_run_dir(run_dir: Path, resolved: Mapping[str, Any]) -> str:
+    """What `run_dir` holds for this config: "new", "resume" (unfinished training) or "trained"
+    (training finished and verified; what follows it, evaluation, is still to do). Another
+    config's run there is an error."""
     frozen = run_dir / CONFIG_FILE
     if not frozen.is_file():
-        return False
+        if (run_dir / DONE).is_file():
+            raise NegagentError(f"{run_dir}: a finished run is already there; choose a new hydra.run.dir")
+        return "new"
     previous = yaml.safe_load(frozen.read_text())
     differs = _first_difference(previous, dict(resolved))
     if differs:
-        raise NegagentError(f"{run_dir}: holds an unfinished run with a different config (at {differs}); "
+        raise NegagentError(f"{run_dir}: holds a run with a different config (at {differs}); "
                             "rerun its exact command to resume, or choose a new hydra.run.dir")
-    return True
+    return "trained" if (run_dir / DONE).is_file() else "resume"
 
 
 def freeze(run_dir: Path, resolved: Mapping[str, Any]) -> Path:

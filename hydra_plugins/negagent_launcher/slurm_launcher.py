@@ -1,0 +1,201 @@
+"""A resumable Slurm launcher: hydra-submitit-launcher's, with negagent's sweep rules.
+
+Before submitting anything it checks that members have distinct run directories, that sbatch is
+on PATH and that the partition exists, each failing with one line. It submits only members not
+already finished (negagent.sweep's done markers), waits for all of them, following the queue with
+squeue since accounting may be off, writes `<sweep dir>/sweep.json`, prints one line per failed
+member with its log path, and exits non-zero when any member failed. Inside the job it skips a
+member that finished meanwhile (a requeue) and marks a member done when it succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from negagent.errors import NegagentError, exit_on_user_error
+from negagent.sweep import (Member, check_distinct_dirs, check_partition, check_sbatch, finished, last_error_line,
+                            mark_done, member_dir, member_hash, queued_job_ids, read_done, write_status)
+
+log = logging.getLogger(__name__)
+
+GONE_GRACE_S = 10.0  # a job that left the queue gets this long for its result file to appear (slow shared disks)
+POLL_S = 1.0
+
+
+class SlurmLauncher(SubmititSlurmLauncher):
+    """`_target_: hydra_plugins.negagent_launcher.slurm_launcher.SlurmLauncher`, same parameters as
+    hydra-submitit-launcher's `submitit_slurm`."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        # A bad sweep ends here with one line and exit 2, before or after submission, never a traceback.
+        return exit_on_user_error(self._launch)(job_overrides, initial_job_idx)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+        planned = [self._plan(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        members = [member for member, _ in planned]
+        check_distinct_dirs(members)
+        for member in members:
+            if finished(member.run_dir, member.config_hash):  # raises when the dir holds another config's result
+                member.status = "skipped"
+                log.info(f"skip {member.label}: finished earlier in {member.run_dir}")
+        to_run = [member for member in members if member.status != "skipped"]
+        if to_run:
+            check_sbatch()
+            check_partition(self.params.get("partition"))
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._wait(to_run, self._submit(to_run) if to_run else [])
+        statuses: dict[int, Member] = getattr(self, "_members", {})  # every batch of this sweep
+        statuses.update({m.index: m for m in members})
+        self._members = statuses
+        status_file = write_status(sweep_dir, statuses.values())
+        self._report(members, status_file)
+        return [self._job_return(member, config) for member, config in planned]
+
+    def _plan(self, overrides: list[str], index: int) -> tuple[Member, DictConfig]:
+        config = self._member_config(overrides, index, f"job_id_for_{index}")
+        run_dir = member_dir(config)
+        return Member(index=index, overrides=overrides, run_dir=run_dir, config_hash=member_hash(config, run_dir)), config
+
+    def _member_config(self, overrides: list[str], index: int, job_id: str) -> DictConfig:
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.id = job_id
+            config.hydra.job.num = index
+        return config
+
+    @staticmethod
+    def _job_return(member: Member, config: DictConfig) -> JobReturn:
+        task_cfg = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+        return JobReturn(overrides=member.overrides, cfg=task_cfg, hydra_cfg=config, working_dir=member.run_dir,
+                         task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED)
+
+    # -- submission and waiting ---------------------------------------------------------------
+    def _submit(self, members: Sequence[Member]) -> list[Any]:
+        """hydra-submitit-launcher's submission (one job array), for the given members only."""
+        import submitit
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
+                                         slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{key if key in base else f"{self._EXECUTOR}_{key}": value
+                                      for key, value in self.params.items() if key not in init_keys})
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        job_params = []
+        for member in members:
+            log.info(f"\t#{member.index} : {' '.join(filter_overrides(member.overrides))}")
+            job_params.append((member.overrides, "hydra.sweep.dir", member.index, f"job_id_for_{member.index}",
+                               Singleton.get_state()))
+        try:
+            jobs = executor.map_array(self, *zip(*job_params))
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+            text = getattr(exc, "stderr", None) or getattr(exc, "output", None) or str(exc)
+            text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+            raise NegagentError(f"sbatch refused the sweep: {(text.strip().splitlines() or [str(exc)])[-1]}") from None
+        for member, job in zip(members, jobs):
+            member.status = "submitted"
+            member.job_id = str(job.job_id)
+            member.log_out, member.log_err = str(job.paths.stdout), str(job.paths.stderr)
+        return jobs
+
+    def _wait(self, members: Sequence[Member], jobs: Sequence[Any]) -> None:
+        """Until every job has written its result file or has left the queue without one."""
+        from tqdm import tqdm
+
+        pending = dict(enumerate(zip(members, jobs)))
+        left_queue_at: dict[int, float] = {}
+        with tqdm(total=len(jobs), desc="sweep members", unit="member", disable=not jobs) as bar:
+            while pending:
+                queued = queued_job_ids()
+                now = time.monotonic()
+                for key, (member, job) in list(pending.items()):
+                    if job.paths.result_pickle.exists():
+                        self._collect(member, job)
+                    elif queued is not None and member.job_id not in queued:
+                        if now - left_queue_at.setdefault(key, now) < GONE_GRACE_S:
+                            continue
+                        member.status = "failed"
+                        member.error = (last_error_line(member.log_err, member.log_out)
+                                        or "the job left the queue without a result and wrote no log")
+                    else:
+                        continue
+                    del pending[key]
+                    bar.update(1)
+                if pending:
+                    time.sleep(POLL_S)
+
+    @staticmethod
+    def _collect(member: Member, job: Any) -> None:
+        try:
+            ret = job.results()[0]
+        except Exception as exc:  # submitit re-raises the job's own failure, traceback as text
+            member.status = "failed"
+            member.error = last_error_line(member.log_err) or str(exc).strip().splitlines()[-1]
+            return
+        if getattr(ret, "status", None) == JobStatus.FAILED:
+            member.status = "failed"
+            exc = ret._return_value
+            member.error = last_error_line(member.log_err) or f"{type(exc).__name__}: {exc}"
+            return
+        member.status = "finished"
+
+    @staticmethod
+    def _report(members: Sequence[Member], status_file: Path) -> None:
+        count = {s: sum(m.status == s for m in members) for s in ("finished", "skipped", "failed")}
+        print(f"sweep: {len(members)} members: {count['finished']} finished, {count['skipped']} skipped "
+              f"(finished earlier), {count['failed']} failed; status in {status_file}", flush=True)
+        failed = [m for m in members if m.status == "failed"]
+        for member in failed:
+            print(f"FAILED {member.label}: {member.error} (log: {member.log_err or member.log_out})",
+                  file=sys.stderr, flush=True)
+        if failed:
+            raise NegagentError(f"{len(failed)} of {len(members)} sweep members failed (listed above); "
+                                "run the same command again to retry them, finished members are skipped")
+
+    # -- inside the job -----------------------------------------------------------------------
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict) -> JobReturn:
+        """Run one member (one rank of it when the job has several tasks): skip it when it already
+        finished, mark it done (rank 0) when it succeeds."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        environment = submitit.JobEnvironment()
+        config = self._member_config(list(sweep_overrides), job_num, environment.job_id)
+        run_dir = member_dir(config)
+        digest = member_hash(config, run_dir)
+        # A marker from this very attempt was written by rank 0 while this rank started late: not a skip.
+        attempt = f"{environment.job_id}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        if finished(run_dir, digest) and (read_done(run_dir) or {}).get("attempt") != attempt:
+            print(f"skip: {run_dir} already finished (config {digest})", flush=True)  # e.g. requeued after it finished
+            return JobReturn(overrides=list(sweep_overrides), working_dir=run_dir, status=JobStatus.COMPLETED)
+        if environment.num_tasks > 1:
+            # One task per GPU: each task is one rank of the member's run. Export the torchrun contract
+            # (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) so training starts as one rank, exactly as
+            # under a local `deepspeed`/`torchrun` launch; every GPU stays visible, LOCAL_RANK picks one.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                      job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        if ret.status == JobStatus.COMPLETED and environment.global_rank == 0:
+            mark_done(run_dir, digest, attempt=attempt)
+        elif ret.status == JobStatus.FAILED:  # the log then holds the traceback the summary points to
+            exc = ret._return_value
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            sys.stderr.flush()
+        return ret
