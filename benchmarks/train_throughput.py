@@ -1,14 +1,16 @@
-"""Trained (non-pad) tokens per second: this project's batching against pad-to-longest batching.
+"""Real (non-pad) tokens per second: this project's training step against the naive one.
 
 Data: the NAT StrategyQA GPT-3.5 trajectories (positives and negatives) imported from the data
 directory (`--data-dir`, or env NEGAGENT_TEST_DATA), tagged with the prefix strategy and rendered
 with SmolLM2's tokenizer by the project's renderer. Model: a small randomly initialised Llama
-(`--hidden`, `--layers`). Each mode trains the same samples, `--batch-size` per micro-batch, with
-the same loss and optimizer; the naive mode pads random batches to their longest sample, as the
-paper's code does. Prints each mode's pad fraction and tokens/s, then `ratio X` (the project's
-default batching over pad-to-longest) as the last line.
+(`--hidden`, `--layers`) with SmolLM2's 49,152-token vocabulary. Each mode trains the same samples,
+`--batch-size` per micro-batch, with the same loss and optimizer. This project's step: length-grouped
+(or packed) micro-batches and logits only at trained positions (`--logits full` to measure the
+batching alone). The naive step, as the paper's code does: random batches padded to their longest
+sample, logits at every position. Prints each mode's pad fraction, trained-position fraction and
+tokens/s, then `ratio X` (this project's over the naive) as the last line.
 
-    python benchmarks/train_throughput.py --data-dir DIR [--samples 384] [--batch-size 8]
+    python benchmarks/train_throughput.py --data-dir DIR [--samples 128] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from negagent.batching import MicroBatches, plan_micro_batches, processed_tokens, real_tokens  # noqa: E402
+from negagent.batching import MicroBatches, plan_micro_batches, processed_tokens, real_tokens, trained_tokens  # noqa: E402
 from negagent.errors import NegagentError, exit_on_user_error  # noqa: E402
-from negagent.loss import normalised_loss  # noqa: E402
+from negagent.loss import normalised_loss, trained_logits  # noqa: E402
 
 NAT_FILES = ("strategyqa_gpt-3.5_positive.json", "strategyqa_gpt-3.5_negative.json")
 
@@ -78,18 +80,23 @@ class ModeRun:
 
     def __init__(self, mode: str, samples, tokenizer, args):
         self.mode = mode
+        # This project computes logits only at trained positions; the naive recipe at every position.
+        self.trained_logits_only = mode != "padded" and args.logits == "trained"
         self.model = build_model(tokenizer, args.hidden, args.layers)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         plan = plan_micro_batches([len(s.input_ids) for s in samples], args.batch_size, mode, seed=0)
         self.batches = MicroBatches(samples, plan, mode=mode, pad_id=tokenizer.pad_token_id, loss_norm="token_mean")
-        self.real = self.processed = 0
+        self.real = self.processed = self.trained = 0
         self.elapsed = 0.0
 
     def step(self, k: int, timed: bool) -> None:
         batch = self.batches[k]
         start = time.perf_counter()
         extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {"position_ids": batch["position_ids"]}
-        logits = self.model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
+        if self.trained_logits_only:
+            logits, _ = trained_logits(self.model, {"input_ids": batch["input_ids"], **extra}, batch["targets"])
+        else:
+            logits = self.model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
         loss = normalised_loss(logits, batch["targets"], batch["weights"], batch["weights"].sum())
         del logits
         loss.backward()
@@ -99,9 +106,11 @@ class ModeRun:
             self.elapsed += time.perf_counter() - start
             self.real += real_tokens(batch)
             self.processed += processed_tokens(batch)
+            self.trained += trained_tokens(batch)
 
     def result(self) -> dict:
-        return {"tokens_per_s": self.real / self.elapsed, "pad_fraction": 1 - self.real / self.processed, "seconds": self.elapsed}
+        return {"tokens_per_s": self.real / self.elapsed, "pad_fraction": 1 - self.real / self.processed, "seconds": self.elapsed,
+                "trained_fraction": self.trained / self.real}
 
 
 def run_interleaved(modes: list[str], samples, tokenizer, args) -> dict[str, dict]:
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="micro-batches not timed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--mode", default="grouped", choices=["grouped", "packed"], help="this project's batching to compare")
+    parser.add_argument("--logits", default="trained", choices=["trained", "full"],
+                        help="this project's step: logits at trained positions only (the training default) or everywhere")
     args = parser.parse_args(argv)
     if not args.data_dir or not Path(args.data_dir).is_dir():
         raise NegagentError("no data directory: pass --data-dir DIR or set NEGAGENT_TEST_DATA (the layout of the project's data README)")
@@ -142,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch_size}; model hidden {args.hidden} x {args.layers} layers; torch threads {torch.get_num_threads()}")
     results = run_interleaved(["padded", args.mode], samples, tokenizer, args)
     for mode, r in results.items():
-        name = "pad-to-longest" if mode == "padded" else f"{mode} (this project)"
-        print(f"{name:>26}: pad fraction {r['pad_fraction']:.3f}, {r['tokens_per_s']:,.0f} trained tokens/s ({r['seconds']:.1f} s)")
+        name = "pad-to-longest, full logits" if mode == "padded" else f"{mode}, {args.logits} logits (this project)"
+        print(f"{name:>40}: pad fraction {r['pad_fraction']:.3f}, trained positions {r['trained_fraction']:.3f} of real tokens, "
+              f"{r['tokens_per_s']:,.0f} real tokens/s ({r['seconds']:.1f} s)")
     print(f"ratio {results[args.mode]['tokens_per_s'] / results['padded']['tokens_per_s']:.2f}")
 
 

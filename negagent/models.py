@@ -6,7 +6,9 @@ Sources (`model.source`):
   safetensors under `cache_dir`, so later loads take about a second.
 - `tiny`: a randomly initialised small Llama built from `model.arch`, with the tokenizer (and chat
   template) of `model.tokenizer_from`; for tests and smoke runs.
-- `hub` / `path`: a Hugging Face hub id or a local directory (hub ids work offline only when cached).
+- `hub` / `path`: a Hugging Face hub id or a local directory. Hub ids are read from the local cache
+  first; the hub is asked only when they are not cached and offline mode (HF_HUB_OFFLINE=1) is off,
+  so an uncached preset fails at once when offline.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from negagent.errors import NegagentError
 
@@ -86,6 +89,29 @@ def _pretrained_location(cfg: Mapping[str, Any]) -> str:
     return str(cfg["path"])
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face offline mode is on (HF_HUB_OFFLINE, or the older TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _from_pretrained(load: Callable[..., Any], cfg: Mapping[str, Any], location: str, *,
+                     local_only_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """`load(location, **kwargs)`; for hub ids from the local cache first (`local_only_kwargs` added),
+    and from the hub only when that fails and offline mode is off: without a network the hub client
+    retries for about a minute before it gives up."""
+    if cfg.get("source") != "hub":
+        return load(location, **kwargs)
+    try:
+        return load(location, local_files_only=True, **kwargs, **(local_only_kwargs or {}))
+    except OSError:
+        if hub_offline():
+            raise
+    print(f"model '{cfg.get('name')}': '{location}' is not in the local cache; trying the Hugging Face hub "
+          f"(set HF_HUB_OFFLINE=1 to fail at once)", file=sys.stderr, flush=True)
+    return load(location, **kwargs)
+
+
 def load_tokenizer(cfg: Mapping[str, Any]):
     """The tokenizer for `cfg` (a `model` config), with a pad token set and a chat template."""
     from transformers import AutoTokenizer
@@ -94,7 +120,7 @@ def load_tokenizer(cfg: Mapping[str, Any]):
         return load_tokenizer(cfg["tokenizer_from"])
     location = _pretrained_location(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, cfg, location)
     except OSError as exc:
         raise NegagentError(
             f"model '{cfg.get('name')}': tokenizer '{location}' cannot be found offline "
@@ -129,7 +155,9 @@ def load_model(cfg: Mapping[str, Any], *, dtype: str | None = None):
         return model.to(torch_dtype) if torch_dtype else model
     location = _pretrained_location(cfg)
     try:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        # transformers does not pass local_files_only on to its adapter lookup: say it again there.
+        return _from_pretrained(AutoModelForCausalLM.from_pretrained, cfg, location, dtype=torch_dtype,
+                                local_only_kwargs={"adapter_kwargs": {"local_files_only": True}})
     except OSError as exc:
         raise NegagentError(
             f"model '{cfg.get('name')}': '{location}' is not a preset and cannot be found offline "

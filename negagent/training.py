@@ -109,7 +109,7 @@ def _trainer_class():
             return total.reshape(())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from negagent.loss import weighted_loss_sum
+            from negagent.loss import trained_logits, weighted_loss_sum
 
             targets, weights = inputs.pop("targets"), inputs.pop("weights")
             sample_index = inputs.pop("sample_index")
@@ -117,9 +117,10 @@ def _trainer_class():
                 with self.order_log.open("a") as fh:
                     fh.write(json.dumps({"step": self.state.global_step, "samples": sample_index.tolist()}) + "\n")
             self.token_counts += torch.tensor([batching.real_tokens(inputs), int((targets != -100).sum())], dtype=torch.float64)
-            outputs = model(**inputs, use_cache=False)
+            # Logits only at trained positions: the LM head at every position is most of a small model's compute.
+            logits, outputs = trained_logits(model, inputs, targets)
             normaliser = num_items_in_batch if num_items_in_batch is not None else weights.sum()
-            loss = weighted_loss_sum(outputs.logits, targets, weights) / normaliser.to(outputs.logits.device).float()
+            loss = weighted_loss_sum(logits, targets, weights) / normaliser.to(logits.device).float()
             loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 

@@ -153,3 +153,45 @@ def test_micro_batches_dataset_yields_planned_groups():
         assert batch["weights"].sum(dim=1).tolist() == pytest.approx([1.0] * len(plan[k]))
     with pytest.raises(NegagentError, match="loss_norm"):
         MicroBatches(samples, plan, mode="grouped", pad_id=0, loss_norm="mean")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("loss_norm", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("mode", ["grouped", "packed"])
+def test_trained_position_logits_give_the_full_logits_loss_and_gradients(mode, loss_norm, lora):
+    """The training forward projects only trained positions onto the vocabulary; loss and every
+    gradient equal those of the full-logits computation."""
+    from peft import LoraConfig, get_peft_model
+
+    from negagent.loss import accepts_logits_to_keep, trained_logits, weighted_loss_sum
+    from negagent.models import load_model
+
+    model = load_model(TINY_MODEL)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    model.train()
+    assert accepts_logits_to_keep(model)
+    samples = [fake_sample(k, n, trained_from=t) for k, (n, t) in enumerate([(9, 3), (23, 20), (4, 1), (15, 5)])]
+    batch = collate(samples, range(4), packed=mode == "packed", pad_id=0, loss_norm=loss_norm)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    norm = batch["weights"].sum()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(only_trained: bool):
+        model.zero_grad(set_to_none=True)
+        if only_trained:
+            logits, _ = trained_logits(model, inputs, batch["targets"])
+            assert logits.shape == (int((batch["targets"] != IGNORE).sum()), model.config.vocab_size)
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            assert logits.shape[:2] == batch["targets"].shape
+        loss = weighted_loss_sum(logits, batch["targets"], batch["weights"]) / norm
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainable]
+
+    full_loss, full_grads = loss_and_grads(False)
+    kept_loss, kept_grads = loss_and_grads(True)
+    assert kept_loss == pytest.approx(full_loss, abs=1e-5)
+    for full, kept in zip(full_grads, kept_grads):
+        assert torch.allclose(full, kept, atol=1e-5, rtol=1e-4)
