@@ -159,7 +159,7 @@ def test_launcher_presets_compose(preset, capsys):
         assert launcher["max_num_timeout"] > 0
 
 
-EXPERIMENT_MEMBERS = {"cpu_demo": 3, "math_7b": 6, "math_13b": 6, "math_negatives": 28, "tag_wording": 4,
+EXPERIMENT_MEMBERS = {"cpu_demo": 8, "quickstart": 1, "math_7b": 6, "math_13b": 6, "math_negatives": 28, "tag_wording": 4,
                       "hotpotqa": 15, "hotpotqa_graded": 6, "strategyqa": 3, "paper_base": 1}
 
 
@@ -175,7 +175,7 @@ def test_experiment_presets_compose(preset, capsys):
     configs = [yaml.safe_load(doc.split("\n", 1)[1]) for doc in docs]
     dirs = [c["hydra"]["runtime"]["output_dir"] for c in configs]
     assert len(set(dirs)) == len(dirs)  # every member its own run directory
-    if preset != "paper_base":  # fixed sweep dir per preset: the same command resumes
+    if preset not in ("paper_base", "quickstart"):  # fixed sweep dir per sweep preset: the same command resumes
         assert {str(Path(d).parent.relative_to(REPO)) for d in dirs} == {f"multirun/{preset}"}
         assert all("experiment=" not in Path(d).name for d in dirs)
     if preset.startswith(("math", "tag_", "hotpotqa", "strategyqa")):
