@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from negagent.errors import NegagentError, exit_on_user_error
 
 _MARKERS = ("config.yaml", ".hydra/config.yaml", "manifest.json", "metrics.json", "eval/metrics.json", "done")
-_SEARCH_DEPTH = 4
+_SEARCH_DEPTH = 16  # run names that hold path values (data.trajectories=/a/b.jsonl) nest folders
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.helpers import make_traj
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 # Files every finished member must have written; metrics.json joins once training and evaluation land.
-MEMBER_OUTPUTS = ("manifest.json",)
+MEMBER_OUTPUTS = ("manifest.json", "eval/metrics.json")
 
 
 def _script(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -99,12 +99,19 @@ def test_unknown_partition_stops_before_submission(slurm, tmp_path):
 def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
     good, bad = trajectories
     sweep = tmp_path / "sweep"
-    common = [f"hydra.sweep.dir={sweep}"]
+    common = [f"hydra.sweep.dir={sweep}", "trainer.evaluate_after=true", "eval.evaluator.sampling.max_new_tokens=24"]
 
     first = _sweep(["tagging=prefix,none", f"data.trajectories={good}", *common])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 finished, 0 skipped (finished earlier), 0 failed" in first.stdout, first.stdout + first.stderr[-3000:]
     first_members = check_members(sweep, "tagging", {"tagging=prefix": "finished", "tagging=none": "finished"})
+    report = subprocess.run([sys.executable, "-m", "negagent.report", str(sweep), "--out", str(tmp_path / "report")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (tmp_path / "report" / "report.md").read_text()
+    for strategy in ("prefix", "none"):  # every member has a row with its metrics
+        assert f"| {strategy} " in table, table
+    assert "missing" not in table.lower(), table
 
     started = time.monotonic()  # the same sweep again: nothing is submitted
     again = _sweep(["tagging=prefix,none", f"data.trajectories={good}", *common])
@@ -124,7 +131,8 @@ def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
         assert members[f"data.trajectories={good}"]["run_dir"] == first_members["tagging=prefix"]["run_dir"]
         assert str(bad) in failed["error"]  # the member's own one-line error, read from its log
         report = [line for line in failing.stderr.splitlines() if line.startswith("FAILED #1")]
-        assert report == [f"FAILED #1 (debug=smoke tagging=prefix data.trajectories={bad}): {failed['error']} "
+        assert report == [f"FAILED #1 (debug=smoke tagging=prefix data.trajectories={bad} "
+                          f"trainer.evaluate_after=True eval.evaluator.sampling.max_new_tokens=24): {failed['error']} "
                           f"(log: {failed['log_err']})"], failing.stderr[-3000:]
         assert failing.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 sweep members failed")
         if attempt == 0:
