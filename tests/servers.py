@@ -98,7 +98,25 @@ def transformers_serve(model_dir: Path, *, startup_s: float = 120.0) -> Iterator
         log.close()
 
 
-class FaultProxy:
+class _LoopbackServer:
+    """An ASGI app (`self._app`) served on 127.0.0.1:`self.port` in a thread, as a context manager."""
+
+    port: int
+
+    def __enter__(self):
+        self._server, self._thread = _serve_in_thread(self._app, self.port)
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+class FaultProxy(_LoopbackServer):
     """An HTTP proxy on 127.0.0.1 that fails about `rate` of the calls: 429, 500, or a stalled
     response (no answer for `stall_s` seconds, so the client's timeout fires). Other calls go to
     `upstream` (a server root or its /v1 URL) unchanged. `faults` counts what was injected,
@@ -155,21 +173,8 @@ class FaultProxy:
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": response.content})
 
-    def __enter__(self) -> "FaultProxy":
-        self._server, self._thread = _serve_in_thread(self._app, self.port)
-        return self
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
-
-class ChatEndpoint:
+class ChatEndpoint(_LoopbackServer):
     """An OpenAI-compatible `/v1/chat/completions` on 127.0.0.1 answering from an agent `backend`
     (e.g. the scripted teacher) after `latency_s`, like a remote model server. `raw=(status,
     content_type, body)` makes every answer that raw response instead (for bad-server tests).
@@ -235,17 +240,6 @@ class ChatEndpoint:
                       "total_tokens": prompt_tokens + len(content) // 4},
         })
 
-    def __enter__(self) -> "ChatEndpoint":
-        self._server, self._thread = _serve_in_thread(self._app, self.port)
-        return self
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
 
 
 async def _disconnected(receive) -> None:
