@@ -139,12 +139,7 @@ class FaultProxy(_LoopbackServer):
     async def _app(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await _read_body(receive)
         draw = self.rng.random()
         if scope["path"].endswith("/chat/completions") and draw < self.rate:
             kind = self.KINDS[int(draw / self.rate * len(self.KINDS)) % len(self.KINDS)]
@@ -203,12 +198,7 @@ class ChatEndpoint(_LoopbackServer):
 
         if scope["type"] != "http":
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await _read_body(receive)
         if scope["path"] == "/health":
             return await self._send_json(send, 200, {"status": "ok"})
         if not scope["path"].endswith("/chat/completions"):
@@ -240,6 +230,16 @@ class ChatEndpoint(_LoopbackServer):
                       "total_tokens": prompt_tokens + len(content) // 4},
         })
 
+
+
+async def _read_body(receive) -> bytes:
+    """The whole request body of an ASGI http request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 async def _disconnected(receive) -> None:
