@@ -13,8 +13,9 @@ missing, with its path, never dropped.
 
 Outputs in --out (default: the first argument): report.md, report.csv, one PNG per headline
 metric (metric against the number of negatives, a line per strategy, like the paper's Figure 1),
-and with two members (or --compare) comparison.md / comparison.json: which questions flipped and
-an exact paired test.
+the strategy comparison pooled over seeds (strategies.md / .csv / plot_strategies.png, printed
+too; see `negagent.strategy_table`), and with two members (or --compare) comparison.md /
+comparison.json: which questions flipped and an exact paired test.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from negagent import strategy_table
 from negagent.errors import NegagentError, exit_on_user_error
 
 _MARKERS = ("config.yaml", ".hydra/config.yaml", "manifest.json", "metrics.json", "eval/metrics.json", "done")
@@ -47,6 +49,13 @@ class Member:
     metrics_path: Path | None = None
     problem: str | None = None  # why metrics are missing
     values: dict[str, dict] = field(default_factory=dict)  # column -> {mean, lo, hi}
+
+    def episodes(self, tag_mode: str) -> list:
+        """The evaluated episodes under one tag mode (from the trajectories next to metrics.json)."""
+        from negagent.trajectory import load_trajectories
+
+        records, _ = load_trajectories(_trajectory_file(self))
+        return [t for t in records if t.provenance.get("tag_mode", tag_mode) == tag_mode]
 
     @property
     def negatives(self) -> float | None:
@@ -291,12 +300,10 @@ def compare(a: Member, b: Member, out: Path) -> dict:
     """Paired comparison of two members on the question ids both evaluated (primary tag mode)."""
     from negagent.evaluation import question_scores
     from negagent.metrics import paired_comparison
-    from negagent.trajectory import load_trajectories
 
     def scores(member: Member) -> dict[str, float]:
         primary = member.metrics.get("primary") if member.metrics else None
-        records, _ = load_trajectories(_trajectory_file(member))
-        return question_scores(t for t in records if t.provenance.get("tag_mode", primary) == primary)
+        return question_scores(member.episodes(primary))
 
     try:
         result = paired_comparison(scores(a), scores(b))
@@ -321,12 +328,16 @@ def compare(a: Member, b: Member, out: Path) -> dict:
 
 def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
                  compare_pair: Sequence[str | Path] | None = None) -> dict:
-    """Write the report files; returns {members, missing, columns, plots, comparison}."""
+    """Write the report files; returns {members, missing, columns, plots, comparison, strategies}."""
     members = sorted((load_member(p) for p in find_members(paths)), key=_sort_key)
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
     cols = write_tables(members, out)
     plots = [str(p) for p in (plot(members, c, out) for c in headline_columns(members)) if p]
+    strategies = strategy_table.summarize(members)
+    if strategies:
+        strategy_table.write(strategies, out)
+        plots.append(str(strategy_table.plot(strategies, out)))
     comparison = None
     if compare_pair:
         pair = [load_member(Path(p)) for p in compare_pair]
@@ -339,6 +350,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
         "columns": cols,
         "plots": plots,
         "comparison": comparison,
+        "strategies": strategies,
         "out": str(out),
     }
 
@@ -351,10 +363,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired comparison of two runs")
     args = parser.parse_args(argv)
     summary = build_report(args.dirs, args.out, args.compare)
+    if summary["strategies"]:
+        strategy_table.print_table(summary["strategies"])
     print(f"{len(summary['members'])} runs, {len(summary['missing'])} without metrics")
     for line in summary["missing"]:
         print(f"  missing: {line}")
-    print(f"report: {Path(summary['out']) / 'report.md'}, {Path(summary['out']) / 'report.csv'}")
+    out = Path(summary["out"])
+    print(f"report: {out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'strategies.md'}" if summary["strategies"] else ""))
     for path in summary["plots"]:
         print(f"plot: {path}")
     if summary["comparison"]:

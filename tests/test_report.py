@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from negagent.evaluation import evaluate
 from negagent.tasks import get_task
+from negagent.strategy_table import summarize
 from tests.test_evaluation import AnswerBackend, _cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +68,65 @@ def test_report_of_nothing_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "negagent.report", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=env)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+class TagAwareBackend(AnswerBackend):
+    """Answers right the questions in `right` under the success tag, those in `right_failure`
+    under the failure tag (the prefix tag sits in the user message)."""
+
+    def __init__(self, task, right, right_failure):
+        super().__init__(task, right)
+        self.right_success, self.right_failure = set(right), set(right_failure)
+
+    def complete(self, chats, sampling):
+        out = []
+        for chat in chats:
+            failure = any("fails to solve" in m["content"] for m in chat)
+            self.right = self.right_failure if failure else self.right_success
+            out += super().complete([chat], sampling)
+        return out
+
+
+def _tagged_member(root: Path, strategy: str, seed: int, right: list[str], right_failure: list[str]) -> Path:
+    run = root / f"seed={seed},tagging={strategy}"
+    tagging = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "tagging" / f"{strategy}.yaml"))
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"seed": seed, "tagging": tagging, "task": {"name": "arith"}}))
+    task = get_task({"name": "arith", "n_test": 6})
+    cfg = _cfg(tag_mode="all")
+    cfg.tagging = tagging
+    evaluate(cfg, run / "eval", backend=TagAwareBackend(task, right, right_failure))
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics["training"] = {"strategy": strategy, "neg_num": None, "seed": seed}  # as evaluating a training run writes
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_strategy_table_pools_seeds_with_intervals_and_control_strength(tmp_path):
+    ids = [q.id for q in get_task({"name": "arith", "n_test": 6}).test_sets()["arith"]]
+    sweep = tmp_path / "multirun" / "cpu_demo"
+    _tagged_member(sweep, "positive_only", 0, ids[:2], [])
+    _tagged_member(sweep, "positive_only", 1, ids[:3], [])
+    _tagged_member(sweep, "prefix", 0, ids[:5], ids[:1])
+    _tagged_member(sweep, "prefix", 1, ids[:4], [])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "negagent.report", str(sweep)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "positive_only" in done.stdout and "untagged" in done.stdout and "p=0.00781" in done.stdout
+
+    from negagent.report import find_members, load_member
+
+    rows = summarize([load_member(p) for p in find_members([sweep])])
+    assert [r.strategy for r in rows] == ["positive_only", "prefix"]  # baselines first
+    baseline, nat = rows
+    assert baseline.accuracy["arith"]["mean"] == 5 / 12 and baseline.accuracy["arith"]["n_episodes"] == 12
+    assert baseline.per_seed == {"0": 2 / 6, "1": 3 / 6} and baseline.control is None
+    assert nat.accuracy["arith"]["mean"] == 9 / 12
+    assert nat.accuracy["arith"]["lo"] < 0.75 < nat.accuracy["arith"]["hi"]
+    # success-tag minus failure-tag, one pair per question and seed: (5-1 + 4-0) / 12, 8 flips one way
+    assert abs(nat.control["diff"] - 8 / 12) < 1e-9 and nat.control["lo"] > 0 and abs(nat.control["p_value"] - 2 / 2**8) < 1e-9
+    rows_csv = list(csv.DictReader((sweep / "strategies.csv").open()))
+    assert [r["strategy"] for r in rows_csv] == ["positive_only", "prefix"] and rows_csv[1]["seeds"] == "0 1"
+    assert "| prefix (NAT) | 2 | 75.0 [" in (sweep / "strategies.md").read_text()
+    assert (sweep / "plot_strategies.png").stat().st_size > 5000
