@@ -355,12 +355,21 @@ def _run(runtime: _Runtime, todo, path: Path, modes, sampling: Sampling, max_tur
                 if len(set_of) != len(chunk):
                     raise NegagentError("two test sets share a question id; evaluate them one at a time (test_sets=...)")
                 _seed_everything(seed * 1_000_003 + start)
+                turn = 0
+
+                def show_turn(finished: int, total: int, mode: str = mode) -> None:
+                    # Batched episodes mostly finish together at the end; the turn shows the run moving.
+                    nonlocal turn
+                    turn = min(turn + 1, max_turns)
+                    bar.set_postfix_str(f"{mode} tag, turn {turn}/{max_turns}, {total - finished} running")
+
                 trajectories = run_episodes(
                     backend, runtime.task, [(q, s) for _, q, s in chunk], runtime.call_tool,
                     sampling=Sampling(sampling.temperature, sampling.max_new_tokens, sampling.top_p, seed, sampling.stop),
                     max_turns=max_turns, tag=modes[mode], placement=placement,
                     instructions_role=instructions_role,
                     provenance={"tag_mode": mode, "tag": modes[mode], "seed": seed, "setup": setup, "setup_desc": setup_desc},
+                    on_step=show_turn,
                 )
                 for traj in trajectories:
                     traj.provenance["test_set"] = set_of[(traj.question_id, traj.provenance["sample_index"])]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from negagent.metrics import mean_ci, paired_comparison
 
 # The paper's baselines first, then its method, then anything else alphabetically.
-_ORDER = {"positive_only": 0, "none": 1, "prefix": 2, "suffix": 3, "graded": 4}
+_ORDER = {"base": -1, "positive_only": 0, "none": 1, "prefix": 2, "suffix": 3, "graded": 4}
 _PAPER_NAMES = {"none": "none (NUT)", "prefix": "prefix (NAT)", "suffix": "suffix (NAT)", "graded": "graded (NAT)"}
 
 

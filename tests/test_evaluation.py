@@ -118,14 +118,15 @@ def test_evaluate_resumes_and_counts(tmp_path):
         evaluate(_cfg(sampling={"n": 2, "seeds": [0, 1], "temperature": 0.7}), tmp_path, backend=finished)
 
 
-def test_parse_errors_and_tool_errors_are_failure_types(tmp_path):
+def test_parse_errors_and_tool_errors_are_failure_types(tmp_path, capsys):
     class Broken(AnswerBackend):
         def complete(self, chats, sampling):
             return ["I will not use the format." if i % 2 else "Action: calculate[1/0]" for i in range(len(chats))]
 
     task = get_task({"name": "arith", "n_test": 6})
-    stats = evaluate(_cfg(), tmp_path, backend=Broken(task))["results"]["positive"]["test_sets"]["arith"]
+    stats = evaluate(_cfg(progress=True), tmp_path, backend=Broken(task))["results"]["positive"]["test_sets"]["arith"]
     assert stats["action_error_rate"] == 1.0 and stats["mean_steps"]["mean"] == 3.0
+    assert "positive tag, turn 3/3, 6 running" in capsys.readouterr().err  # the bar moves while no episode ends
     assert set(stats["failures"]) <= {"parse_error", "tool_error"} and stats["reward"]["mean"] == 0.0
 
 
