@@ -360,7 +360,8 @@ def _run(runtime: _Runtime, todo, path: Path, modes, sampling: Sampling, max_tur
                 def show_turn(finished: int, total: int, mode: str = mode) -> None:
                     # Batched episodes mostly finish together at the end; the turn shows the run moving.
                     nonlocal turn
-                    turn = min(turn + 1, max_turns)
+                    if finished < total:  # the loop's closing call reports the end, not another turn
+                        turn = min(turn + 1, max_turns)
                     bar.set_postfix_str(f"{mode} tag, turn {turn}/{max_turns}, {total - finished} running")
 
                 trajectories = run_episodes(

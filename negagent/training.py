@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -168,8 +169,8 @@ def training_arguments(cfg: Mapping[str, Any], run_dir: Path, world_size: int):
         weight_decay=float(trainer["weight_decay"]),
         max_grad_norm=float(trainer["max_grad_norm"]),
         bf16=bf16,
-        gradient_checkpointing=bool(trainer["gradient_checkpointing"]),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if trainer["gradient_checkpointing"] else None,
+        activation_checkpointing=bool(trainer["gradient_checkpointing"]),
+        activation_checkpointing_kwargs={"use_reentrant": False} if trainer["gradient_checkpointing"] else None,
         save_strategy="steps",
         save_steps=int(trainer["save_steps"]),
         save_total_limit=trainer.get("save_total_limit"),
@@ -218,8 +219,11 @@ def build_model(cfg: Mapping[str, Any]):
 
         lora = trainer["lora"]
         targets = cfg["model"].get("lora_target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"]
-        model = get_peft_model(model, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                                                 target_modules=list(targets), task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for a user to change
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                                                     target_modules=list(targets), task_type="CAUSAL_LM"))
         if trainer["gradient_checkpointing"]:
             model.enable_input_require_grads()
     return model

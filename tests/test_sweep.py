@@ -159,7 +159,7 @@ def test_launcher_presets_compose(preset, capsys):
         assert launcher["max_num_timeout"] > 0
 
 
-EXPERIMENT_MEMBERS = {"cpu_demo": 8, "quickstart": 1, "math_7b": 6, "math_13b": 6, "math_negatives": 28, "tag_wording": 4,
+EXPERIMENT_MEMBERS = {"cpu_demo": 8, "cpu_demo_two_step": 8, "quickstart": 1, "math_7b": 6, "math_13b": 6, "math_negatives": 28, "tag_wording": 4,
                       "hotpotqa": 15, "hotpotqa_graded": 6, "strategyqa": 3, "paper_base": 1}
 
 
