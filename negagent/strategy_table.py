@@ -37,6 +37,7 @@ class StrategyRow:
     per_seed: dict[str, float] = field(default_factory=dict)  # seed -> mean reward over test sets
     control: dict | None = None  # {diff, lo, hi, p_value, positive, negative}; None: untagged
     action_error_rate: float | None = None
+    mean_steps: float | None = None  # actions per episode, over test sets and seeds
 
     @property
     def label(self) -> str:
@@ -59,7 +60,7 @@ def summarize(members: Sequence) -> list[StrategyRow]:
         by_question: dict[str, list[float]] = defaultdict(list)
         positive: dict[str, list[float]] = defaultdict(list)
         negative: dict[str, list[float]] = defaultdict(list)
-        errors = []
+        errors, steps = [], []
         for m in runs:
             primary = m.metrics.get("primary") or next(iter(m.metrics["results"]))
             scores = question_scores(m.episodes(primary))
@@ -67,6 +68,7 @@ def summarize(members: Sequence) -> list[StrategyRow]:
                 by_question[q].append(v)
             row.per_seed[str(m.seed)] = sum(scores.values()) / len(scores) if scores else math.nan
             errors.append(m.metrics["results"][primary].get("overall", {}).get("action_error_rate"))
+            steps += [s["mean_steps"]["mean"] for s in m.metrics["results"][primary]["test_sets"].values() if "mean_steps" in s]
             if "negative" in m.metrics["results"]:
                 for q, v in question_scores(m.episodes("positive")).items():
                     positive[f"{m.seed}/{q}"].append(v)
@@ -76,6 +78,7 @@ def summarize(members: Sequence) -> list[StrategyRow]:
             row.accuracy[test_set] = mean_ci([v for q, v in by_question.items() if q.split("/", 1)[0] == test_set])
         known = [e for e in errors if e is not None]
         row.action_error_rate = sum(known) / len(known) if known else None
+        row.mean_steps = sum(steps) / len(steps) if steps else None
         if positive and negative:
             # A question of a seed is one pair: seeds add pairs, they are not averaged away.
             pos = {q: sum(v) / len(v) for q, v in positive.items()}
@@ -98,13 +101,14 @@ def _ci(value: dict | None) -> str:
 def table_rows(rows: Sequence[StrategyRow]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison table (accuracies and control strength in points)."""
     sets = list(dict.fromkeys(s for r in rows for s in r.accuracy))
-    header = ["strategy", "seeds"] + [f"{s} acc % [95% CI]" for s in sets] + ["per seed %", "control strength (pos-neg) [95% CI]", "action errors %"]
+    header = ["strategy", "seeds"] + [f"{s} acc % [95% CI]" for s in sets] + ["per seed %", "control strength (pos-neg) [95% CI]", "action errors %", "steps"]
     cells = []
     for r in rows:
         per_seed = ", ".join(f"{v * 100:.1f}" for _, v in sorted(r.per_seed.items()))
         control = "untagged" if r.control is None else f"{_ci(r.control)} p={r.control['p_value']:.3g}"
         errors = "-" if r.action_error_rate is None else f"{r.action_error_rate * 100:.1f}"
-        cells.append([r.label, str(len(r.seeds))] + [_ci(r.accuracy.get(s)) for s in sets] + [per_seed, control, errors])
+        steps = "-" if r.mean_steps is None else f"{r.mean_steps:.2f}"
+        cells.append([r.label, str(len(r.seeds))] + [_ci(r.accuracy.get(s)) for s in sets] + [per_seed, control, errors, steps])
     return header, cells
 
 
@@ -145,7 +149,8 @@ def print_table(rows: Sequence[StrategyRow]) -> None:
         table.add_column(name, justify="left" if name == "strategy" else "right")
     for c in cells:
         table.add_row(*c)
-    Console(width=max(120, sum(len(h) for h in header) + 3 * len(header))).print(table)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)  # one line a row, even in a narrow log
 
 
 def plot(rows: Sequence[StrategyRow], out: Path) -> Path | None:

@@ -121,7 +121,7 @@ def test_strategy_table_pools_seeds_with_intervals_and_control_strength(tmp_path
     assert [r.strategy for r in rows] == ["positive_only", "prefix"]  # baselines first
     baseline, nat = rows
     assert baseline.accuracy["arith"]["mean"] == 5 / 12 and baseline.accuracy["arith"]["n_episodes"] == 12
-    assert baseline.per_seed == {"0": 2 / 6, "1": 3 / 6} and baseline.control is None
+    assert baseline.per_seed == {"0": 2 / 6, "1": 3 / 6} and baseline.control is None and baseline.mean_steps == 1.0
     assert nat.accuracy["arith"]["mean"] == 9 / 12
     assert nat.accuracy["arith"]["lo"] < 0.75 < nat.accuracy["arith"]["hi"]
     # success-tag minus failure-tag, one pair per question and seed: (5-1 + 4-0) / 12, 8 flips one way
