@@ -311,6 +311,7 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
             "real_tokens": int(tokens[0]), "trained_tokens": int(tokens[1]),
             "train_seconds": round(runtime, 2),
             "tokens_per_s": round(float(tokens[0]) / runtime, 1) if runtime > 0 else None,
+            "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
             "saved": {"kind": "adapter" if trainer_cfg["method"] == "lora" else "model", **verified},
         }
         if is_main:

@@ -38,7 +38,8 @@ def run(cmd: list[str], timeout: int = 600, **env) -> subprocess.CompletedProces
 
 def test_smoke_run_writes_config_manifest_and_verified_safetensors(tmp_path, trajectories):
     run_dir = tmp_path / "smoke"
-    cmd = train_cmd(run_dir, trajectories, "trainer.max_steps=4", "trainer.logging_steps=1", "logger=wandb", "logger.mode=offline")
+    cmd = train_cmd(run_dir, trajectories, "trainer.max_steps=4", "trainer.logging_steps=1", "logger=wandb", "logger.mode=offline",
+                    "trainer.gradient_checkpointing=true")
     result = run(cmd, OPENAI_API_KEY=FAKE_SECRET, WANDB_API_KEY=FAKE_SECRET)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "manifest.json").is_file() and (run_dir / "done").is_file()
@@ -54,6 +55,7 @@ def test_smoke_run_writes_config_manifest_and_verified_safetensors(tmp_path, tra
     saved = load_file(run_dir / "adapter_model.safetensors")
     assert summary["steps"] == 4 and summary["saved"]["parameters"] == sum(t.numel() for t in saved.values())
     assert summary["tokens_per_s"] > 0 and summary["trained_tokens"] > 0
+    assert summary["activation_checkpointing"] is True  # the config's switch reaches the model
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
