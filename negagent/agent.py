@@ -158,21 +158,22 @@ def run_episodes(
     placement: str = "prefix",
     instructions_role: str = "system",
     provenance: dict[str, Any] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> Iterator[Trajectory]:
     """Run (question, sample index) jobs to the end, yielding each trajectory as it finishes.
 
     `call_tool(name, argument) -> (observation, ok)` runs a tool. The prompt of every turn comes from
     `build_chat` (the renderer's chat builder) with the given tag, exactly as in training.
-    `on_step(finished, total)` is called after every step (for progress bars).
+    `on_step(turn, finished, total)` is called after every turn and once at the end (for progress bars).
     """
     episodes = [_Episode(q, i) for q, i in jobs]
     provenance = {"backend": backend.name, "temperature": sampling.temperature, **(provenance or {})}
-    done = 0
+    done = turns = 0
     for _turn in range(max_turns):
         active = [ep for ep in episodes if not ep.ended]
         if not active:
             break
+        turns += 1
         chats = [
             build_chat(
                 task.instructions, ep.question.question, ep.messages,
@@ -187,10 +188,10 @@ def run_episodes(
                 done += 1
                 yield _to_trajectory(ep, task, provenance)
         if on_step:
-            on_step(done, len(episodes))
+            on_step(turns, done, len(episodes))
     for ep in episodes:
         if not ep.ended:
             ep.ended = True
             yield _to_trajectory(ep, task, provenance)
     if on_step:
-        on_step(len(episodes), len(episodes))
+        on_step(turns, len(episodes), len(episodes))

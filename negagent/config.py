@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from negagent.errors import NegagentError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _GROUP_OVERRIDE = re.compile(r"^[+~]?([\w/]+)=(.+)$")
+
+
+def plain(cfg: Any) -> dict:
+    """A config as plain containers: a DictConfig resolved, a mapping copied through JSON (values
+    JSON cannot hold become strings)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return json.loads(json.dumps(cfg, default=str))
 
 
 def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import json
-import os
 import platform
 import random
 import sys
@@ -31,8 +29,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from negagent import __version__, tagging
 from negagent.agent import STOP, Sampling, run_episodes
+from negagent.config import plain
 from negagent.errors import NegagentError
 from negagent.evaluated_model import EvaluatedModel, base_model, from_run_dir
+from negagent.files import write_json_atomic
 from negagent.metrics import BOOTSTRAP_RESAMPLES, mean_ci, paired_comparison, pass_at_ks
 from negagent.tasks import get_task
 from negagent.tasks.base import Question, Task
@@ -93,14 +93,6 @@ def tag_modes(mode: str, tagging_cfg: Mapping[str, Any]) -> dict[str, str | None
 
 
 # --- configuration ------------------------------------------------------------------------------
-
-
-def _plain(cfg: Any) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return json.loads(json.dumps(cfg, default=str))
 
 
 def _subject(cfg: Mapping[str, Any]) -> EvaluatedModel:
@@ -282,7 +274,7 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
     `backend` (any object with `name` and `complete(chats, sampling)`) replaces the configured one,
     for programs that bring their own model.
     """
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subject = _subject(cfg)
@@ -330,9 +322,7 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
         "versions": _versions(runtime.tool_identities(), getattr(backend, "name", None) or runtime.backend_cfg.get("name", "hf")),
         "files": {"trajectories": TRAJECTORIES, "tool_cache": TOOL_CACHE if (out_dir / TOOL_CACHE).exists() else None},
     })
-    tmp = out_dir / f".{METRICS}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, out_dir / METRICS)  # a reader never sees a half-written file
+    write_json_atomic(out_dir / METRICS, metrics)
     return metrics
 
 
@@ -355,13 +345,9 @@ def _run(runtime: _Runtime, todo, path: Path, modes, sampling: Sampling, max_tur
                 if len(set_of) != len(chunk):
                     raise NegagentError("two test sets share a question id; evaluate them one at a time (test_sets=...)")
                 _seed_everything(seed * 1_000_003 + start)
-                turn = 0
 
-                def show_turn(finished: int, total: int, mode: str = mode) -> None:
+                def show_turn(turn: int, finished: int, total: int, mode: str = mode) -> None:
                     # Batched episodes mostly finish together at the end; the turn shows the run moving.
-                    nonlocal turn
-                    if finished < total:  # the loop's closing call reports the end, not another turn
-                        turn = min(turn + 1, max_turns)
                     bar.set_postfix_str(f"{mode} tag, turn {turn}/{max_turns}, {total - finished} running")
 
                 trajectories = run_episodes(

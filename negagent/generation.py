@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from negagent.agent import Sampling, run_episodes
+from negagent.files import write_json_atomic
 from negagent.errors import NegagentError
 from negagent.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 
@@ -126,9 +127,7 @@ def _write_identity(out_dir: Path, identity: dict) -> None:
     if path.is_file():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, identity)
 
 
 def _load(path: Path, task: str) -> list[Trajectory]:
@@ -411,8 +410,6 @@ def _write_stats(out_dir: Path, task: str, label: str, identity: dict, protocol:
         # Usage of runs that ended (a killed run's usage is not known).
         "teacher_usage_total": _add_usage(previous, usage),
     }
-    tmp = stats_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, stats_path)
+    write_json_atomic(stats_path, stats)
     print_stats(stats)
     return stats

@@ -26,6 +26,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,12 +51,15 @@ class Member:
     problem: str | None = None  # why metrics are missing
     values: dict[str, dict] = field(default_factory=dict)  # column -> {mean, lo, hi}
 
-    def episodes(self, tag_mode: str) -> list:
-        """The evaluated episodes under one tag mode (from the trajectories next to metrics.json)."""
+    @cached_property
+    def _episodes(self) -> list:
         from negagent.trajectory import load_trajectories
 
-        records, _ = load_trajectories(_trajectory_file(self))
-        return [t for t in records if t.provenance.get("tag_mode", tag_mode) == tag_mode]
+        return load_trajectories(_trajectory_file(self))[0]
+
+    def episodes(self, tag_mode: str) -> list:
+        """The evaluated episodes under one tag mode (from the trajectories next to metrics.json, read once)."""
+        return [t for t in self._episodes if t.provenance.get("tag_mode", tag_mode) == tag_mode]
 
     @property
     def negatives(self) -> float | None:

@@ -58,10 +58,10 @@ def summarize(members: Sequence) -> list[StrategyRow]:
     for (strategy, negatives), runs in groups.items():
         row = StrategyRow(strategy, negatives, seeds=sorted((m.seed for m in runs), key=str))
         by_question: dict[str, list[float]] = defaultdict(list)
-        positive: dict[str, list[float]] = defaultdict(list)
-        negative: dict[str, list[float]] = defaultdict(list)
+        positive: dict[str, float] = {}  # "<run>/<question>" -> score under each tag
+        negative: dict[str, float] = {}
         errors, steps = [], []
-        for m in runs:
+        for run, m in enumerate(runs):
             primary = m.metrics.get("primary") or next(iter(m.metrics["results"]))
             scores = question_scores(m.episodes(primary))
             for q, v in scores.items():
@@ -70,20 +70,16 @@ def summarize(members: Sequence) -> list[StrategyRow]:
             errors.append(m.metrics["results"][primary].get("overall", {}).get("action_error_rate"))
             steps += [s["mean_steps"]["mean"] for s in m.metrics["results"][primary]["test_sets"].values() if "mean_steps" in s]
             if "negative" in m.metrics["results"]:
-                for q, v in question_scores(m.episodes("positive")).items():
-                    positive[f"{m.seed}/{q}"].append(v)
-                for q, v in question_scores(m.episodes("negative")).items():
-                    negative[f"{m.seed}/{q}"].append(v)
+                positive.update((f"{run}/{q}", v) for q, v in question_scores(m.episodes("positive")).items())
+                negative.update((f"{run}/{q}", v) for q, v in question_scores(m.episodes("negative")).items())
         for test_set in sorted({q.split("/", 1)[0] for q in by_question}):
             row.accuracy[test_set] = mean_ci([v for q, v in by_question.items() if q.split("/", 1)[0] == test_set])
         known = [e for e in errors if e is not None]
         row.action_error_rate = sum(known) / len(known) if known else None
         row.mean_steps = sum(steps) / len(steps) if steps else None
         if positive and negative:
-            # A question of a seed is one pair: seeds add pairs, they are not averaged away.
-            pos = {q: sum(v) / len(v) for q, v in positive.items()}
-            neg = {q: sum(v) / len(v) for q, v in negative.items()}
-            cmp = paired_comparison(neg, pos)
+            # A question of a run is one pair: seeds add pairs, they are not averaged away.
+            cmp = paired_comparison(negative, positive)
             row.control = {"diff": cmp.diff, "lo": cmp.diff_lo, "hi": cmp.diff_hi, "p_value": cmp.p_value,
                            "positive": cmp.mean_b, "negative": cmp.mean_a}
         rows.append(row)

@@ -30,7 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from negagent import config
 from negagent.errors import NegagentError
+from negagent.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,6 @@ SLURM_TIMEOUT_S = 30  # every sinfo / squeue call
 
 # --------------------------------------------------------------------------- identity and markers
 
-def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return json.loads(json.dumps(cfg, default=str))
-
-
 def _drop_volatile_names(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _drop_volatile_names(v) for k, v in node.items() if k not in VOLATILE_NAMES}
@@ -60,7 +56,7 @@ def _drop_volatile_names(node: Any) -> Any:
 
 def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The part of a config that defines a result: the resolved config without the volatile keys."""
-    plain = _plain(cfg)
+    plain = config.plain(cfg)
     for dotted in VOLATILE_PATHS:
         *parents, last = dotted.split(".")
         node: Any = plain
@@ -136,10 +132,7 @@ def mark_done(run_dir: str | Path, cfg_or_hash: DictConfig | Mapping[str, Any] |
     record = {"config_hash": digest, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "outputs": names, "attempt": attempt or (previous or {}).get("attempt")}
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{DONE_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run_dir / DONE_FILE)
-    return run_dir / DONE_FILE
+    return write_json_atomic(run_dir / DONE_FILE, record)
 
 
 # --------------------------------------------------------------------------- members of a Hydra sweep
@@ -187,12 +180,8 @@ def member_hash(sweep_config: DictConfig, run_dir: str) -> str:
 
 def write_status(sweep_dir: str | Path, members: Iterable[Member]) -> Path:
     """Write `<sweep dir>/sweep.json`: every member with its status, run dir, job id, logs, error."""
-    path = Path(sweep_dir) / STATUS_FILE
     records = sorted((asdict(m) for m in members), key=lambda r: r["index"])
-    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"sweep_dir": str(sweep_dir), "members": records}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(sweep_dir) / STATUS_FILE, {"sweep_dir": str(sweep_dir), "members": records})
 
 
 def last_error_line(*paths: str | None) -> str | None:
