@@ -26,3 +26,17 @@ def make_traj(i: int, reward: bool, question: str | None = None, score: float | 
         reward=reward, score=float(reward) if score is None else score, pred=str(i),
         failure=None if reward else "wrong_answer", provenance={"question_id": f"q{i}"},
     )
+
+
+def assert_one_line_error(result, *fragments: str, returncode: int = 2) -> str:
+    """A finished subprocess failed as a user error should: exit `returncode`, no traceback, and
+    exactly one `error:` line on stderr that contains every fragment (each must be non-empty).
+    Returns that line."""
+    assert all(fragments), "an empty fragment matches every message; name what the error must say"
+    assert result.returncode == returncode, f"exit {result.returncode}, stderr: {result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error line, got {errors}"
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
