@@ -33,6 +33,11 @@ from negagent.training import check_trainer_config, samples_digest
 def main(cfg: DictConfig) -> None:
     hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    # Hydra has parsed the command line and written its copies of the config and overrides (.hydra/),
+    # secrets in clear; redact both (wandb records the command line from sys.argv).
+    sys.argv[1:] = [launch.redact_override(arg) for arg in sys.argv[1:]]
+    launch.redact_hydra_files(run_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
+                              list(hydra_cfg.overrides.task))
     if sweep.skip_if_done(run_dir, cfg):
         return
     resolved = launch.resolve_config(cfg, list(hydra_cfg.overrides.task), run_dir)

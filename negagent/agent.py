@@ -22,7 +22,7 @@ from negagent.tasks.base import Question, Task
 from negagent.trajectory import Trajectory
 
 STOP = ["\nObservation:", "Observation:"]  # the model must not write the tool's answer itself
-_ACTION = re.compile(r"Action\s*\d*\s*:\s*([A-Za-z_]\w*)\s*\[(.*)\]", re.S)
+_ACTION = re.compile(r"Action\s*\d*\s*:\s*([A-Za-z_]\w*)\s*\[")  # up to the argument's opening bracket
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,13 @@ def parse_action(text: str) -> Action | None:
     The argument is everything between the first `[` after the name and the last `]` of the turn,
     so brackets inside arguments (nested expressions, titles) survive.
     """
-    matches = list(_ACTION.finditer(text))
+    # One regex with a greedy argument would match the first action and swallow the rest of the turn.
+    end = text.rfind("]")
+    matches = [m for m in _ACTION.finditer(text) if m.end() <= end]
     if not matches:
         return None
     match = matches[-1]
-    return Action(match.group(1).lower(), match.group(2).strip())
+    return Action(match.group(1).lower(), text[match.end():end].strip())
 
 
 @dataclass

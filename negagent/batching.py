@@ -21,6 +21,7 @@ repeated to even them out.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -42,8 +43,15 @@ def plan_micro_batches(
         raise NegagentError(f"trainer.batching={mode!r} is not one of {', '.join(MODES)}")
     if batch_size < 1:
         raise NegagentError(f"trainer.per_device_batch_size={batch_size} must be at least 1")
-    if len(lengths) < world_size:
-        raise NegagentError(f"{len(lengths)} training samples cannot feed {world_size} ranks; add data or use fewer ranks")
+    # Every rank runs the same number of non-empty micro-batches and no sample repeats, so the plan
+    # needs at least as many samples as micro-batches once evened out (batch size 1 on 2 ranks with 7
+    # samples would otherwise leave an empty micro-batch, which cannot be collated).
+    evened = math.ceil(math.ceil(len(lengths) / batch_size) / world_size) * world_size
+    if evened > len(lengths):
+        raise NegagentError(
+            f"{len(lengths)} training samples cannot feed {world_size} ranks the same number of micro-batches of at "
+            f"most {batch_size} without repeating samples; add data, use fewer ranks or a larger per_device_batch_size"
+        )
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     if mode == "grouped":

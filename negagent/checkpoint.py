@@ -56,6 +56,9 @@ def in_memory_weights(model: torch.nn.Module, adapter: bool) -> dict[str, torch.
 
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the *.safetensors files in `folder`; a file that cannot be read (cut short by a
+    full disk or a kill) is a one-line error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -63,7 +66,10 @@ def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise NegagentError(f"{folder}: the final save wrote no *.safetensors file")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(f))
+        try:
+            out.update(load_file(f))
+        except SafetensorError as exc:
+            raise NegagentError(f"{f}: the saved weights cannot be read ({' '.join(str(exc).split())})") from None
     return out
 
 

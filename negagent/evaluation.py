@@ -257,13 +257,13 @@ class _Runtime:
         return result.observation, result.ok
 
 
-def _setup(subject: EvaluatedModel, sampling: Sampling, max_turns: int, cfg: Mapping[str, Any]) -> tuple[str, str]:
-    """A hash of what decides episode outcomes besides the key (model, sampling, turns, backend)."""
-    backend = cfg.get("backend") or {}
+def _setup(subject: EvaluatedModel, sampling: Sampling, max_turns: int, instructions_role: str,
+           backend_name: str | None) -> tuple[str, str]:
+    """A hash of what decides episode outcomes besides the key (model, sampling, turns, prompt, backend)."""
     desc = (
-        f"model={subject.label} ({subject.fingerprint()}) backend={backend.get('name')} "
+        f"model={subject.label} ({subject.fingerprint()}) backend={backend_name} "
         f"temperature={sampling.temperature} top_p={sampling.top_p} max_new_tokens={sampling.max_new_tokens} "
-        f"max_turns={max_turns} instructions_role={(cfg.get('render') or {}).get('instructions_role', 'system')}"
+        f"max_turns={max_turns} instructions_role={instructions_role}"
     )
     return hashlib.sha256(desc.encode()).hexdigest()[:16], desc
 
@@ -286,7 +286,9 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
     modes = tag_modes(str(cfg.get("tag_mode") or "positive"), subject.tagging_cfg)
     placement = tagging.placement(subject.tagging_cfg) if subject.tagging_cfg.get("strategy") else "prefix"
     instructions_role = str({**(cfg.get("render") or {}), **subject.render_cfg}.get("instructions_role") or "system")
-    setup, setup_desc = _setup(subject, sampling, max_turns, cfg)
+    # A backend brought by the caller runs the episodes, whatever cfg.backend names.
+    backend_name = getattr(backend, "name", None) or (cfg.get("backend") or {}).get("name") or "hf"
+    setup, setup_desc = _setup(subject, sampling, max_turns, instructions_role, backend_name)
 
     path = out_dir / TRAJECTORIES
     done = _existing(path, setup)
@@ -313,13 +315,13 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
         "task": task.name,
         "model": subject.label,
         "training": subject.training,
-        "backend": (cfg.get("backend") or {}).get("name"),
+        "backend": backend_name,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
                      "max_new_tokens": sampling.max_new_tokens, "n": n_samples, "seeds": seeds},
         "max_turns": max_turns,
         "tag_mode": str(cfg.get("tag_mode") or "positive"),
         "setup": setup_desc,
-        "versions": _versions(runtime.tool_identities(), getattr(backend, "name", None) or runtime.backend_cfg.get("name", "hf")),
+        "versions": _versions(runtime.tool_identities(), backend_name),
         "files": {"trajectories": TRAJECTORIES, "tool_cache": TOOL_CACHE if (out_dir / TOOL_CACHE).exists() else None},
     })
     write_json_atomic(out_dir / METRICS, metrics)

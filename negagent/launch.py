@@ -26,7 +26,7 @@ import yaml
 
 from negagent.sweep import DONE_FILE  # the whole run finished (training and evaluation)
 from negagent.errors import NegagentError, exit_on_user_error
-from negagent.tracking import redact_secrets, run_identity
+from negagent.tracking import REDACTED, redact_secrets, run_identity
 
 CONFIG_FILE = "config.yaml"
 DONE = "done"  # training finished: final weights saved and verified
@@ -40,9 +40,50 @@ def resolve_config(cfg, overrides: Sequence[str], run_dir: Path, name_excludes: 
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    overrides = [redact_override(o) for o in overrides]  # the run's name and group are built from them
     named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in set(name_excludes)]
     resolved["run"] = {"dir": str(run_dir), "overrides": list(overrides), **run_identity(named)}
     return redact_secrets(resolved)
+
+
+def redact_override(override: str) -> str:
+    """A command-line override with its value redacted when `redact_secrets` would redact it in the
+    config (a key naming a secret, or a value shaped like an API key); others unchanged."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        return override
+    leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+    bare = value.strip("'\"")
+    if redact_secrets({leaf: bare})[leaf] == REDACTED and bare != REDACTED:
+        return f"{key}={REDACTED}"
+    return override
+
+
+def redact_hydra_files(folder: Path | None, overrides: Sequence[str]) -> None:
+    """Redact Hydra's own copies of the run (`<run_dir>/.hydra/*.yaml`: config, overrides, hydra), which
+    Hydra writes before the job starts with secrets in clear: secret config entries as `redact_secrets`
+    does, and every secret override (also inside `override_dirname`) as `redact_override` does."""
+    if folder is None or not folder.is_dir():
+        return
+    replacements = {o: redact_override(o) for o in overrides if redact_override(o) != o}
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        if isinstance(node, str):
+            for secret, redacted in replacements.items():
+                node = node.replace(secret, redacted)
+        return node
+
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        clean = scrub(redact_secrets(data))
+        if clean != data:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(clean, sort_keys=False))
+            tmp.replace(path)
 
 
 def refuse_finished_run_dir(argv: Sequence[str]) -> None:

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 from negagent.errors import NegagentError
 
-# Keys that hold a secret themselves ("api_key", "hf_token"), not ones that merely mention one
-# ("api_key_env" names a variable; "max_new_tokens" counts tokens).
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|passw(or)?d|credentials?)$", re.I)
+# Keys that hold a secret themselves ("api_key", "hf_token", "wandb_key"), not ones that merely
+# mention one ("api_key_env" names a variable; "max_new_tokens" counts tokens).
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|token|secret|passw(or)?d|credentials?)$", re.I)
 _SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|xox[bp]-)[A-Za-z0-9_\-]{8,}")
 REDACTED = "<redacted>"
 LOGGERS = ("none", "wandb")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -261,11 +262,37 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def last_complete_checkpoint(folder: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest `checkpoint-N` in `folder` whose save finished, the newer ones whose save did not).
+
+    The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG
+    states (with DeepSpeed, after every rank's shards), so a finished save is one whose
+    trainer_state.json reads back with `global_step` N. A run killed while saving leaves a newer
+    folder without it (or with it torn); transformers' `get_last_checkpoint` would pick that folder
+    and the resumed run would fail to load it.
+    """
+    folder = Path(folder)
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    incomplete = []
+    for step, path in sorted(found, reverse=True):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            state = None
+        if isinstance(state, dict) and state.get("global_step") == step:
+            return path, incomplete
+        incomplete.append(path)
+    return None, incomplete
+
+
 # -- the recipe -----------------------------------------------------------------------------------
 def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Train this rank per the frozen `cfg`; returns the summary (rank 0 writes it and `done`)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     run_dir = Path(run_dir)
     rank, world_size = distributed_env()
@@ -289,10 +316,13 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
             model=model, args=args, train_dataset=dataset, data_collator=batching.first_item, processing_class=tokenizer,
             callbacks=[_metrics_callback(tracker, final)], order_log=run_dir / "ranks" / f"rank{rank}.order.jsonl",
         )
-        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if resume and is_main:
-            print(f"resuming from {resume}", flush=True)
-        result = trainer.train(resume_from_checkpoint=resume)
+        resume, incomplete = last_complete_checkpoint(Path(args.output_dir))
+        if is_main:
+            for path in incomplete:
+                print(f"note: skipping {path}: its save did not finish (the run was stopped while saving)", flush=True)
+            if resume:
+                print(f"resuming from {resume}", flush=True)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         facts = _partition_facts(trainer.model)
         tokens = _all_reduce_sum(trainer.token_counts)
         trainer.save_model(str(run_dir))

@@ -113,16 +113,16 @@ def load_trajectories(
         raise NegagentError(f"{path}: trajectory file not found")
     stats = LoadStats()
     trajectories: list[Trajectory] = []
-    raw = path.read_text(encoding="utf-8")
-    lines = raw.split("\n")
+    # Lines are decoded one by one: a writer killed mid-line can cut a UTF-8 character in two.
+    lines = path.read_bytes().split(b"\n")
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         is_last = lineno == len(lines)  # no newline after it: possibly torn
         try:
-            traj = validate_record(json.loads(line))
+            traj = validate_record(json.loads(line.decode("utf-8")))
         except (json.JSONDecodeError, ValueError) as exc:
-            if is_last and isinstance(exc, json.JSONDecodeError):
+            if is_last and isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
                 stats.torn_tail = True
                 continue
             reason = f"{path}:{lineno}: bad trajectory record: {exc}"
@@ -153,13 +153,21 @@ class TrajectoryWriter:
 
     def _repair_torn_tail(self) -> None:
         # A killed writer can leave a partial last line; cut it so appends start on a fresh line.
+        # A last line that is complete JSON and only lacks its newline is a record `load_trajectories`
+        # reads (and a resume counts as done): end it instead of cutting it.
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         data = self.path.read_bytes()
         if not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            with self.path.open("r+b") as fh:
-                fh.truncate(cut)
+            try:
+                json.loads(data[cut:])
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+                with self.path.open("r+b") as fh:
+                    fh.truncate(cut)
+            else:
+                with self.path.open("ab") as fh:
+                    fh.write(b"\n")
 
     def write(self, traj: Trajectory | dict) -> None:
         line = traj.to_json() if isinstance(traj, Trajectory) else json.dumps(traj, ensure_ascii=False)

@@ -52,7 +52,53 @@ MODULES = {
 }
 
 # Surviving mutants that behave exactly like the original, by mutant name: why no test can tell them apart.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "negagent.metrics.x__quantile__mutmut_4": 'float("NAN") is the same NaN as float("nan")',
+    "negagent.metrics.x_mean_ci__mutmut_15": 'float("NAN") is the same NaN as float("nan") (mean)',
+    "negagent.metrics.x_mean_ci__mutmut_20": 'float("NAN") is the same NaN as float("nan") (lo)',
+    "negagent.metrics.x_mean_ci__mutmut_25": 'float("NAN") is the same NaN as float("nan") (hi)',
+    "negagent.metrics.x_mean_ci__mutmut_45": "rng.integers(n, size=...) draws the same array as integers(0, n, size=...)",
+    "negagent.metrics.x_paired_comparison__mutmut_18": "rng.integers(n, size=...) is integers(0, n, size=...)",
+    "negagent.metrics.x_pass_at_k__mutmut_3": "the early return is a shortcut: comb(n - c, k) is 0 when n - c < k, "
+                                              "so the general formula gives 1.0 too (checked for every n < 30)",
+    "negagent.metrics.x_sign_test__mutmut_13": "scipy's binomtest defaults to p=0.5",
+    "negagent.metrics.x_sign_test__mutmut_14": "scipy's binomtest defaults to alternative='two-sided'",
+    "negagent.agent.x_run_episodes__mutmut_74": "ep.ended = None in the final loop: nothing reads `ended` after it",
+    "negagent.agent.x_run_episodes__mutmut_75": "ep.ended = False in the final loop: nothing reads `ended` after it",
+    "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_22": "prompts[1][n] instead of prompts[0][n]: the same "
+                                                                 "'all rows equal at n' test (there are always two rows)",
+    "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_32": "prompts[1][:n] equals prompts[0][:n] (n: common prefix)",
+    "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_35": "prompts[1][:n] equals prompts[0][:n] (n: common prefix)",
+    "negagent.backends.hf.xǁHFBackendǁcomplete__mutmut_12": "the placeholder text is overwritten for every index",
+    # device=None or dropped: equivalent on CPU only; each fails the CUDA test (pytest -m gpu) on a GPU.
+    "negagent.backends.hf.xǁ_StopStringsǁ__call____mutmut_10": "device dropped: equivalent on CPU (killed on CUDA)",
+    "negagent.backends.hf.xǁ_StopStringsǁ__call____mutmut_12": "device=None: equivalent on CPU (killed on CUDA)",
+    "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_29": "device=None: equivalent on CPU (killed on CUDA)",
+    "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_31": "device dropped: equivalent on CPU (killed on CUDA)",
+    "negagent.render.xǁRendererǁ_template__mutmut_11": "tokenize=None: apply_chat_template treats None as false",
+    "negagent.render.xǁRendererǁtraining__mutmut_3": "generation_prompt=None: templates test it for truthiness",
+    "negagent.render.xǁRendererǁ_spans__mutmut_40": "eot <= 0: the search starts after a non-empty prompt, so eot is -1 or >= 1",
+    "negagent.render.xǁRendererǁ_spans__mutmut_41": "eot < 1: the search starts after a non-empty prompt, so eot is -1 or >= 1",
+    "negagent.render.xǁRendererǁ_pieces_to_ids__mutmut_4": "differs only for an empty piece, and encoding '' gives []",
+    "negagent.render.xǁRendererǁ_pieces_to_ids__mutmut_10": "differs only for an empty piece, and encoding '' gives []",
+    "negagent.render.xǁRendererǁtraining__mutmut_46": "next()'s default is unreachable: neither id list can be a strict prefix",
+    "negagent.render.xǁRendererǁtraining__mutmut_48": "next()'s default is unreachable: neither id list can be a strict prefix",
+    "negagent.render.xǁRendererǁtraining__mutmut_65": "a defensive check that cannot fire: every span ends with the end-of-turn it was found by",
+    "negagent.render.xǁRendererǁdebug_view__mutmut_3": "the first token overwrites the initial flag before any run is flushed",
+    "negagent.render.xǁRendererǁdebug_view__mutmut_4": "the first token overwrites the initial flag before any run is flushed",
+    "negagent.batching.x_collate__mutmut_14": "torch.tensor of Python ints is int64 already",
+    "negagent.batching.x_collate__mutmut_16": "torch.tensor of Python ints is int64 already",
+    "negagent.batching.x_collate__mutmut_46": "torch.full with an int fill value is int64 already",
+    "negagent.batching.x_collate__mutmut_49": "torch.full with an int fill value is int64 already",
+    "negagent.batching.x_collate__mutmut_62": "torch.full with an int fill value is int64 already",
+    "negagent.batching.x_collate__mutmut_65": "torch.full with an int fill value is int64 already",
+    "negagent.batching.x_collate__mutmut_35": "float lists and torch.zeros default to float32",
+    "negagent.batching.x_collate__mutmut_37": "float lists and torch.zeros default to float32",
+    "negagent.batching.x_collate__mutmut_70": "float lists and torch.zeros default to float32",
+    "negagent.batching.x_collate__mutmut_72": "float lists and torch.zeros default to float32",
+    "negagent.batching.xǁMicroBatchesǁ__init____mutmut_8": "the fail-early collate's result is thrown away; its errors do not depend on the layout",
+    "negagent.batching.xǁMicroBatchesǁ__init____mutmut_17": "the fail-early collate's result is thrown away",
+}
 
 KILLED = {"killed", "timeout", "caught by type check"}
 

@@ -9,7 +9,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from negagent.render import build_chat
 from negagent.tasks import get_task
 from negagent.tools import calculate
 from negagent.trajectory import load_trajectories
+from tests.helpers import TINY_MODEL, assert_one_line_error
 from tests.servers import ChatEndpoint, FaultProxy, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subpro
 
 
 def ids(path: Path) -> list[str]:
+    """Record ids of a JSONL file, in file order; none when there is no file yet."""
+    if not path.is_file():
+        return []
     return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -49,15 +53,6 @@ def by_id(path: Path) -> dict[str, list[dict]]:
     return {json.loads(line)["id"]: json.loads(line)["messages"] for line in path.read_text().splitlines()}
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
 # --- the scripted teacher -----------------------------------------------------------------------
 
 
@@ -65,18 +60,33 @@ def test_smoke_cli_writes_positives_and_negatives_and_resumes(tmp_path):
     out = tmp_path / "run"
     result = run_cli("debug=smoke", "task=arith", "teacher=scripted", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    trajectories, _ = load_trajectories(out / "trajectories.jsonl", task="arith")
-    assert any(t.reward for t in trajectories) and any(not t.reward for t in trajectories)
+    # The scripted teacher is seeded: the same 48 episodes (16 questions x the paper's 3 samples) every time.
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["episodes"]["total"] == 16 * 3  # debug=smoke: 16 questions, the paper's 3 samples each
-    assert stats["episodes"]["positives"] + stats["episodes"]["negatives"] == 48
-    assert set(stats["episodes"]["by_temperature"]) == {"0.2", "0.5", "0.7"}
-    assert stats["episodes"]["turns"]["histogram"] and stats["episodes"]["failure_types"]
-    assert "positives" in result.stdout and "failure types" in result.stdout
+    episodes = stats["episodes"]
+    assert (episodes["total"], episodes["positives"], episodes["negatives"]) == (48, 35, 13)
+    assert episodes["failure_types"] == {"wrong_answer": 13}
+    assert episodes["by_temperature"] == {"0.2": {"positives": 12, "negatives": 4},
+                                          "0.5": {"positives": 12, "negatives": 4},
+                                          "0.7": {"positives": 11, "negatives": 5}}
+    assert episodes["turns"] == {"min": 2, "p50": 3, "p90": 5, "max": 6, "mean": 3.46,
+                                 "histogram": {"2": 3, "3": 26, "4": 14, "5": 4, "6": 1}}
+    assert stats["kept"] == {"total": 29, "positives": 16, "negatives": 13}  # one positive for each question
+    trajectories, _ = load_trajectories(out / "trajectories.jsonl", task="arith")
+    assert (sum(t.reward for t in trajectories), sum(not t.reward for t in trajectories)) == (16, 13)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("episodes: 48 (positives 35, negatives 13); this run collected 48 in ")
+    assert lines[1:] == [
+        'failure types: {"wrong_answer": 13}',
+        'turns: {"min": 2, "p50": 3, "p90": 5, "max": 6, "mean": 3.46}; assistant chars: '
+        '{"min": 112, "p50": 197, "p90": 330, "max": 418, "mean": 228.42}',
+        "kept (one_positive): 29 (positives 16, negatives 13)",
+        f"trajectories: {out / 'trajectories.jsonl'}",
+    ]
     before = (out / "episodes.jsonl").read_bytes()
     again = run_cli("debug=smoke", "task=arith", "teacher=scripted", f"hydra.run.dir={out}")
     assert again.returncode == 0 and (out / "episodes.jsonl").read_bytes() == before
-    assert json.loads((out / "stats.json").read_text())["this_run"]["collected"] == 0
+    this_run = json.loads((out / "stats.json").read_text())["this_run"]
+    assert (this_run["collected"], this_run["already_there"]) == (0, 48)
 
 
 def test_paper_protocol_keeps_one_positive_per_question_and_every_negative(tmp_path):
@@ -84,27 +94,37 @@ def test_paper_protocol_keeps_one_positive_per_question_and_every_negative(tmp_p
     episodes, _ = load_trajectories(tmp_path / "episodes.jsonl")
     kept, _ = load_trajectories(tmp_path / "trajectories.jsonl")
     assert len(episodes) == 12 * 3 and len({t.id for t in episodes}) == 36
-    assert {t.provenance["temperature"] for t in episodes} == {0.2, 0.5, 0.7}
+    assert Counter(t.provenance["temperature"] for t in episodes) == {0.2: 12, 0.5: 12, 0.7: 12}
+    assert sum(t.reward for t in episodes) == 28  # the seeded teacher: every question has a positive
     positives = Counter(t.question_id for t in kept if t.reward)
-    assert positives and max(positives.values()) == 1
-    assert positives.keys() == {t.question_id for t in episodes if t.reward}
+    assert positives == {q.id: 1 for q in get_task(ARITH).train_questions()}
+    # The first positive of each question in file order is the one kept.
+    first = {}
+    for t in episodes:
+        if t.reward:
+            first.setdefault(t.question_id, t.id)
+    assert {t.id for t in kept if t.reward} == set(first.values())
     assert {t.id for t in kept if not t.reward} == {t.id for t in episodes if not t.reward}
-    assert stats["kept"]["positives"] == len(positives)
+    assert stats["kept"] == {"total": 20, "positives": 12, "negatives": 8}
 
 
-def test_labels_come_from_scoring_not_from_the_failure_mode():
+@pytest.mark.parametrize("failure, failures, recovered", [
+    ("wrong_operand", {"wrong_answer": 40}, 0),
+    ("skipped_step", {"wrong_answer": 40}, 0),
+    ("no_tool", {"wrong_answer": 40}, 0),
+    ("premature_finish", {"wrong_answer": 39, None: 1}, 0),  # one question is answered by its first step
+    ("malformed_action", {"parse_error": 22, None: 18}, 18),  # some recover from a malformed action
+])
+def test_labels_come_from_scoring_not_from_the_failure_mode(failure, failures, recovered):
+    assert failure in FAILURES
     task = get_task({**ARITH, "n_train": 40})
-    for failure in FAILURES:
-        teacher = ScriptedTeacher(task, {failure: 1.0}, scale_with_temperature=False)
-        jobs = [(q, 0) for q in task.train_questions()]
-        trajs = list(run_episodes(teacher, task, jobs, calc_tool, sampling=Sampling(0.5)))
-        for traj in trajs:  # the label is the task's verdict on the prediction, whatever went wrong
-            assert traj.reward == task.score(traj.pred, traj.gold)["reward"]
-        negatives = sum(not t.reward for t in trajs)
-        assert negatives >= len(trajs) // 3, failure  # every mode really produces failures
-        if failure == "malformed_action":
-            assert any(t.failure == "parse_error" for t in trajs)
-            assert any(t.stats["parse_errors"] and t.reward for t in trajs)  # some recover
+    teacher = ScriptedTeacher(task, {failure: 1.0}, scale_with_temperature=False)
+    jobs = [(q, 0) for q in task.train_questions()]
+    trajs = list(run_episodes(teacher, task, jobs, calc_tool, sampling=Sampling(0.5)))
+    for traj in trajs:  # the label is the task's verdict on the prediction, whatever went wrong
+        assert traj.reward == task.score(traj.pred, traj.gold)["reward"]
+    assert Counter(t.failure for t in trajs) == failures  # every mode really produces failures
+    assert sum(bool(t.stats["parse_errors"]) and t.reward for t in trajs) == recovered
 
 
 def test_scripted_teacher_reads_observations_and_is_seeded():
@@ -115,14 +135,14 @@ def test_scripted_teacher_reads_observations_and_is_seeded():
     first_value = question.meta["steps"][0]["value"]
     chat = build_chat(task.instructions, question.question, [])
     turn = teacher.complete([chat], Sampling(0.5))[0]
-    assert f"calculate[{first_expr}]" in turn
+    assert turn == f"Thought: {question.meta['steps'][0]['text']}\nAction: calculate[{first_expr}]"
     # The calculator "said" something else: the next step builds on what it said, like a model would.
     fake = first_value + 1000
     chat = build_chat(task.instructions, question.question, [
         {"role": "assistant", "content": turn}, {"role": "user", "content": f"Observation: {fake}"}])
     second = teacher.complete([chat], Sampling(0.5))[0]
     expected = question.meta["steps"][1]["expr"].replace(str(first_value), str(fake), 1)
-    assert f"calculate[{expected}]" in second
+    assert second == f"Thought: {question.meta['steps'][1]['text']}\nAction: calculate[{expected}]"
     # Same (question, sample seed, temperature): the same episode; other samples differ somewhere.
     noisy = ScriptedTeacher(task, {f: 0.18 for f in FAILURES})
     chats = [build_chat(task.instructions, q.question, []) for q in task.train_questions()]
@@ -136,13 +156,13 @@ def test_math_scripted_teacher_uses_gsm8k_notes(tmp_path, data_dir):
     collect({"task": task, "protocol": {"name": "one", "temperatures": [0.2], "keep": "all"},
              "generation": OFFLINE}, tmp_path)
     trajectories, _ = load_trajectories(tmp_path / "trajectories.jsonl", task="math")
-    assert len(trajectories) == 10 and sum(t.reward for t in trajectories) >= 6
-    assert "calculate[48/2]" in trajectories[0].messages[0]["content"]  # GSM8K train #0: <<48/2=24>>
+    assert len(trajectories) == 10 and sum(t.reward for t in trajectories) == 9
+    # GSM8K train #0: "Natalia sold 48/2 = <<48/2=24>>24 clips in May."
+    assert trajectories[0].messages[0]["content"] == ("Thought: Natalia sold 48/2 = 24 clips in May.\n"
+                                                      "Action: calculate[48/2]")
 
 
 def test_hf_teacher_collects_with_a_local_model(tmp_path):
-    from tests.helpers import TINY_MODEL
-
     cfg = {"task": {**ARITH, "n_train": 2, "max_turns": 2}, "teacher": {"name": "hf", "batch_size": 4},
            "model": TINY_MODEL, "protocol": {"name": "one", "temperatures": [0.7], "keep": "all"},
            "generation": {"max_new_tokens": 8, "progress": False}}
@@ -172,46 +192,79 @@ def test_openai_teacher_counts_retries_through_a_fault_proxy(tmp_path):
         stats = collect(cfg, tmp_path)
     usage = stats["this_run"]["teacher_usage"]
     assert stats["episodes"]["total"] == 18 and len(set(ids(tmp_path / "episodes.jsonl"))) == 18
-    assert sum(proxy.faults.values()) > 0 and set(proxy.faults) == {"429", "500", "stall"}
+    assert set(proxy.faults) == {"429", "500", "stall"}  # seed 1 draws every kind
     reasons = usage["retry_reasons"]
     assert reasons["429"] == proxy.faults["429"] and reasons["5xx"] == proxy.faults["500"]
-    # Every stall times out; on a loaded machine a slow honest answer may time out too.
+    # Every stall times out; on a loaded machine a slow honest answer may time out too (the one
+    # count here that depends on timing, hence >=).
     assert reasons["timeout"] >= proxy.faults["stall"] and usage["retries"] == sum(reasons.values())
+    assert set(reasons) == {"429", "5xx", "timeout"}
     assert usage["requests"] == proxy.forwarded + sum(proxy.faults.values())
-    assert usage["prompt_tokens"] > 0 and usage["cost_usd"] > 0
-    # The same episodes as a fault-free run: retries never change what is collected.
+    assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6)
+    # The same episodes as a fault-free run: retries never change what is collected, nor the tokens
+    # counted (only answers that came back count, once each).
     with ChatEndpoint(teacher) as endpoint:
-        collect(openai_cfg(endpoint.base_url) | {"task": task}, tmp_path / "clean")
+        clean = collect(openai_cfg(endpoint.base_url, timeout_s=120) | {"task": task}, tmp_path / "clean")
     assert by_id(tmp_path / "clean" / "episodes.jsonl") == by_id(tmp_path / "episodes.jsonl")
+    clean_usage = clean["this_run"]["teacher_usage"]
+    assert (clean_usage["requests"], clean_usage["retries"]) == (endpoint.calls, 0)
+    assert (clean_usage["prompt_tokens"], clean_usage["completion_tokens"]) == (
+        endpoint.usage["prompt_tokens"], endpoint.usage["completion_tokens"])
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        clean_usage["prompt_tokens"], clean_usage["completion_tokens"])
+    assert usage["prompt_tokens"] > usage["completion_tokens"] > 0
+    assert "cost_usd" not in clean_usage  # no prices, no cost
+
+
+KILL_SEED = 9  # the kill points are drawn from this seed (and printed): a failing run can be replayed
 
 
 def test_kill_9_and_resume_collects_every_question_sample_exactly_once(tmp_path):
-    task = get_task({**ARITH, "n_train": 16})
+    """generate.py killed with SIGKILL twice, each time at a chat request drawn from a seeded RNG,
+    then run to the end: exactly the episodes of an uninterrupted run, none lost, none twice.
+
+    The endpoint leaves the drawn request unanswered and signals its arrival; the kill follows.
+    The client writes every finished episode before its next step's requests, so what is on disk
+    at the kill is fixed by the request number alone, not by timing."""
+    task_cfg = {**ARITH, "n_train": 16}
+    task = get_task(task_cfg)
     teacher = ScriptedTeacher(task, {"wrong_operand": 0.1, "skipped_step": 0.1, "malformed_action": 0.1})
     out = tmp_path / "run"
-    with ChatEndpoint(teacher, latency_s=0.05) as endpoint:
+    with ChatEndpoint(teacher) as endpoint:
+        collect(openai_cfg(endpoint.base_url) | {"task": task_cfg}, tmp_path / "reference")
+        full_run = endpoint.calls  # the requests of an uninterrupted run, its preflight probe included
         args = ["task=arith", "task.n_train=16", "teacher=openai", f"teacher.base_url={endpoint.base_url}",
                 "teacher.model=scripted", "teacher.api_key_env=null", "teacher.concurrency=4",
                 f"hydra.run.dir={out}"]
-        rng = random.Random()
-        killed = 0
-        for _kill in range(2):
-            target = rng.randint(1, 40)  # a random moment: after 1..40 of the 48 episodes
-            process = subprocess.Popen([sys.executable, "generate.py", *args], cwd=REPO,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and process.poll() is None:
-                episodes = out / "episodes.jsonl"
-                if episodes.is_file() and episodes.read_bytes().count(b"\n") >= target:
-                    break
-                time.sleep(0.01)
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-            killed += process.wait(timeout=30) == -signal.SIGKILL
-        assert killed, "the generator finished before it could be killed"
+        rng = random.Random(KILL_SEED)
+        on_disk = []
+        for attempt in range(2):
+            # Request 1 is the probe. A run killed at request k has written episodes worth at most
+            # k - 2 requests, so the next run needs more than full_run - k: two points of at most
+            # full_run // 2 are always reached.
+            kill_at = rng.randint(2, full_run // 2)
+            print(f"kill {attempt + 1}: at chat request {kill_at} of the {full_run} of a whole run (seed {KILL_SEED})")
+            held = endpoint.hold(kill_at)
+            with (tmp_path / f"stderr{attempt}.txt").open("w+") as stderr:
+                process = subprocess.Popen([sys.executable, "generate.py", *args], cwd=REPO,
+                                           stdout=subprocess.DEVNULL, stderr=stderr)
+                # Wake up on the held request or on the process ending early, whichever comes first.
+                threading.Thread(target=lambda: (process.wait(), held.set()), daemon=True).start()
+                assert held.wait(timeout=300), "generate.py neither reached the held request nor ended"
+                running = process.poll() is None
+                if running:
+                    os.kill(process.pid, signal.SIGKILL)
+                code = process.wait(timeout=60)
+                stderr.seek(0)
+                assert running and code == -signal.SIGKILL, f"generate.py ended (exit {code}): {stderr.read()[-3000:]}"
+            written = ids(out / "episodes.jsonl")
+            print(f"kill {attempt + 1}: {len(written)} episodes on disk")
+            assert len(written) == len(set(written)) < 48
+            on_disk.append(len(written))
         finished = run_cli(*args)
         assert finished.returncode == 0, finished.stderr[-3000:]
-        collect(openai_cfg(endpoint.base_url) | {"task": {**ARITH, "n_train": 16}}, tmp_path / "reference")
+    this_run = json.loads((out / "stats.json").read_text())["this_run"]
+    assert (this_run["already_there"], this_run["collected"]) == (on_disk[-1], 48 - on_disk[-1])
     got = ids(out / "episodes.jsonl")
     expected = {f"{q.id}-s{s}" for q in task.train_questions() for s in range(3)}
     assert len(got) == len(set(got)) == 48 and set(got) == expected  # none lost, none duplicated
@@ -273,10 +326,10 @@ def test_unknown_model_and_foreign_directory_lose_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix == ".jsonl"} == files
 
 
-def test_generate_config_composes_with_every_teacher_and_protocol():
-    for teacher in sorted(p.stem for p in (CONF_DIR / "teacher").glob("*.yaml")):
-        for protocol in sorted(p.stem for p in (CONF_DIR / "protocol").glob("*.yaml")):
-            with initialize_config_dir(str(CONF_DIR), version_base=None):
-                cfg = compose("generate", overrides=[f"teacher={teacher}", f"protocol={protocol}", "debug=smoke"])
-            assert cfg.teacher.name == teacher and cfg.protocol.temperatures == [0.2, 0.5, 0.7]
-            assert cfg.task.limit_train == 16 and cfg.model.name == "tiny"
+@pytest.mark.parametrize("teacher", sorted(p.stem for p in (CONF_DIR / "teacher").glob("*.yaml")))
+@pytest.mark.parametrize("protocol", sorted(p.stem for p in (CONF_DIR / "protocol").glob("*.yaml")))
+def test_generate_config_composes_with_every_teacher_and_protocol(teacher, protocol):
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("generate", overrides=[f"teacher={teacher}", f"protocol={protocol}", "debug=smoke"])
+    assert cfg.teacher.name == teacher and cfg.protocol.temperatures == [0.2, 0.5, 0.7]
+    assert cfg.task.limit_train == 16 and cfg.model.name == "tiny"

@@ -13,7 +13,7 @@ import pytest
 
 from negagent.generation import collect
 from negagent.trajectory import load_trajectories
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, assert_one_line_error
 from tests.servers import FaultProxy, save_model_dir, transformers_serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,34 +44,46 @@ def test_collects_from_transformers_serve_and_no_key_lands_on_disk(served, tmp_p
         assert traj.reward is False and traj.failure in {"parse_error", "wrong_answer", "max_steps", "tool_error"}
     stats = json.loads((out / "stats.json").read_text())
     usage = stats["this_run"]["teacher_usage"]
-    assert usage["requests"] >= 7 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    # One request per model turn, plus the preflight probe; no fault, so no retry.
+    turns = sum(m["role"] == "assistant" for t in episodes for m in t.messages)
+    assert (usage["requests"], usage["retries"]) == (1 + turns, 0)
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0  # a sampling model: counts vary
     # The key reached the server (as a header) and nowhere else: not the config dumps, logs,
     # trajectories or stats, nor anything printed.
-    written = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.name == "config.yaml" for p in written) and any(p.suffix == ".log" for p in written)
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.relative_to(out).as_posix() for p in written] == [
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "collection.json", "episodes.jsonl",
+        "generate.log", "stats.json", "trajectories.jsonl"]
     for path in written:
         assert CANARY not in path.read_text(errors="replace"), path
     assert CANARY not in result.stdout + result.stderr
 
 
 def test_fault_proxy_in_front_of_transformers_serve(served, tmp_path):
+    """429s and 500s between the client and a real server are retried and counted exactly.
+
+    Stalls (timeouts) are left to test_generate's proxy test: here a loaded machine can make an
+    honest answer of the real server as slow as a stall, and the counts would depend on timing."""
     base_url, model = served
-    with FaultProxy(base_url, rate=0.3, stall_s=60, seed=3) as proxy:
+    with FaultProxy(base_url, rate=0.4, seed=1, kinds=("429", "500")) as proxy:
         cfg = {
             "task": {"name": "arith", "data_dir": None, "n_train": 4, "max_turns": 2},
             "teacher": {"name": "openai", "base_url": proxy.base_url, "model": model, "api_key_env": None,
-                        "concurrency": 4, "timeout_s": 5, "max_retries": 12, "backoff_s": 0.05, "max_backoff_s": 0.5},
+                        "concurrency": 4, "timeout_s": 300, "max_retries": 12, "backoff_s": 0.05,
+                        "max_backoff_s": 0.5},
             "protocol": {"name": "one", "temperatures": [0.7], "keep": "all"},
             "generation": {"max_new_tokens": 16, "progress": False},
         }
         stats = collect(cfg, tmp_path)
     assert stats["episodes"]["total"] == 4  # every episode completed
     usage = stats["this_run"]["teacher_usage"]
-    reasons = usage["retry_reasons"]
-    assert sum(proxy.faults.values()) >= 1
-    assert reasons.get("429", 0) == proxy.faults["429"] and reasons.get("5xx", 0) == proxy.faults["500"]
-    assert reasons.get("timeout", 0) >= proxy.faults["stall"]
-    assert usage["retries"] == sum(reasons.values()) >= sum(proxy.faults.values())
+    assert proxy.faults["429"] >= 1 and proxy.faults["500"] >= 1, proxy.faults
+    # Every injected fault is retried once and named by its reason; nothing else is retried.
+    assert usage["retry_reasons"] == {"429": proxy.faults["429"], "5xx": proxy.faults["500"]}
+    assert usage["retries"] == sum(proxy.faults.values())
+    assert usage["requests"] == proxy.forwarded + sum(proxy.faults.values())
+    episodes, _ = load_trajectories(tmp_path / "episodes.jsonl")
+    assert proxy.forwarded == 1 + sum(m["role"] == "assistant" for t in episodes for m in t.messages)  # probe + turns
     assert json.loads((tmp_path / "stats.json").read_text())["this_run"]["teacher_usage"]["retries"] == usage["retries"]
 
 
@@ -81,7 +93,5 @@ def test_model_the_server_does_not_know(served, tmp_path):
         [sys.executable, "generate.py", "teacher=openai", f"teacher.base_url={base_url}", "teacher.model=no-such-model",
          "teacher.api_key_env=null", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "does not serve this model" in errors[0], result.stderr[-2000:]
+    assert_one_line_error(result, "does not serve this model", "no-such-model")
     assert not (tmp_path / "episodes.jsonl").exists()

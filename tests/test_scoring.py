@@ -42,6 +42,8 @@ def test_numeric_rule_reads_the_last_number_and_a_binary_minus():
     assert parse_number("x = -3") == -3
     assert parse_number("3,4") == 4  # not a thousands comma
     assert parse_number("n/a") is None
+    assert parse_number("1/0") is None  # a zero denominator is no number, not a ZeroDivisionError
+    assert parse_number("3/4") == 0.75
     assert math_numeric("1000000.5", "1000000")  # within 1e-6 relative
     assert math_numeric("0", "0")
 
@@ -85,6 +87,9 @@ def test_hotpot_f1_yes_no_rule():
     assert f1("yes it is", "yes") == 0.0
     assert f1("no", "no way") == 0.0
     assert f1("noanswer", "no answer") == 0.0
+    # Overlapping tokens, so only the special-answer rule makes these 0 (plain F1 would be 2/3).
+    assert f1("noanswer", "noanswer given") == 0.0
+    assert f1("maybe not", "maybe") == pytest.approx(2 / 3)  # no special side: plain token F1
 
 
 @pytest.mark.parametrize(

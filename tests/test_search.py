@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +15,7 @@ import pytest
 from negagent.errors import NegagentError
 from negagent.tools import BM25Search, SerperSearch, ToolCache, build_corpus, build_toolbox
 from negagent.tools.search import NO_RESULTS, format_passages
+from tests.servers import free_port
 
 OBSERVATION = re.compile(r"^#1: (?P<p1>.+) #2: (?P<p2>.+) #3: (?P<p3>.+)$")
 
@@ -22,9 +23,10 @@ OBSERVATION = re.compile(r"^#1: (?P<p1>.+) #2: (?P<p2>.+) #3: (?P<p3>.+)$")
 def test_format_passages() -> None:
     assert format_passages(["a\n b", "c"], 400) == "#1: a b #2: c"
     assert format_passages([], 400) == NO_RESULTS
-    long = "word " * 200
-    cut = format_passages([long], 30)
-    assert cut.startswith("#1: word") and cut.endswith(" ...") and len(cut) <= len("#1: ") + 30 + 4
+    # Cut at the last whole word within 30 characters ("word word word word word word " is 30).
+    assert format_passages(["word " * 200], 30) == "#1: word word word word word word ..."
+    assert format_passages(["abcde fghij"], 11) == "#1: abcde fghij"  # exactly max_chars: not cut
+    assert format_passages(["abcde fghij"], 10) == "#1: abcde ..."
 
 
 # --- the corpus formats, on a tiny made-up data directory -------------------------------------
@@ -82,103 +84,131 @@ def test_bm25_on_a_small_corpus_caches_and_rebuilds_on_change(tmp_path: Path) ->
     data, cache = tmp_path / "data", tmp_path / "cache"
     _write_mini_data(data)
     search = BM25Search(data, cache)
-    assert search.search("river mouth").startswith("#1: Delta | Delta is a river mouth.")
+    assert search.built
+    # Only passages sharing a word with the query are returned, best first.
+    assert search.search("river mouth") == "#1: Delta | Delta is a river mouth."
     assert search.search("qwxyz") == NO_RESULTS
-    assert len(list(cache.glob("bm25-*"))) == 1
-    assert BM25Search(data, cache).identity == search.identity
+    assert [p.name for p in cache.glob("bm25-*")] == [search.index_dir.name]
+    again = BM25Search(data, cache)
+    assert not again.built and again.identity == search.identity
     (data / "hotpotqa_context" / "corpus" / "corpus.json").write_text(json.dumps({"Mu": ["Mu is twelfth."]}))
     changed = BM25Search(data, cache)
-    assert len(list(cache.glob("bm25-*"))) == 2
+    assert changed.built and changed.index_dir != search.index_dir
+    assert sorted(p.name for p in cache.glob("bm25-*")) == sorted([search.index_dir.name, changed.index_dir.name])
     assert changed.identity != search.identity
-    assert changed.search("twelfth").startswith("#1: Mu | Mu is twelfth.")
+    assert changed.search("twelfth") == "#1: Mu | Mu is twelfth."
 
 
-def test_bm25_reports_missing_empty_or_broken_data(tmp_path: Path) -> None:
-    with pytest.raises(NegagentError, match="does not exist"):
-        BM25Search(tmp_path / "nowhere", tmp_path / "cache")
-    with pytest.raises(NegagentError, match="no search corpus"):
-        BM25Search(tmp_path, tmp_path / "cache")
-    broken = tmp_path / "hotpotqa_context" / "x" / "broken.json"
-    broken.parent.mkdir(parents=True)
-    broken.write_text("{not json")
-    with pytest.raises(NegagentError, match="cannot read search corpus file"):
-        BM25Search(tmp_path, tmp_path / "cache")
-    with pytest.raises(NegagentError, match="top_k must be at least 1"):
-        build_toolbox(["search"], {"search": {"data_dir": str(tmp_path), "top_k": 0}})
+@pytest.mark.parametrize(
+    "broken, data, expected",
+    [
+        (None, "nowhere", "search data directory {dir}/nowhere does not exist: set search.data_dir to the folder "
+                          "holding hotpotqa_context/ and strategyqa_evidence/"),
+        (None, ".", "no search corpus in {dir}: expected hotpotqa_context/*/*.json(l) or strategyqa_evidence/*.json"),
+        ("[not json", ".", "cannot read search corpus file {dir}/hotpotqa_context/x/broken.json (JSONDecodeError: "
+                           "Expecting value: line 1 column 2 (char 1))"),
+    ],
+)
+def test_bm25_reports_missing_empty_or_broken_data(
+    tmp_path: Path, broken: str | None, data: str, expected: str
+) -> None:
+    if broken is not None:
+        path = tmp_path / "hotpotqa_context" / "x" / "broken.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(broken)
+    with pytest.raises(NegagentError) as err:
+        BM25Search(tmp_path / data, tmp_path / "cache")
+    assert str(err.value) == expected.format(dir=tmp_path)
+    assert not (tmp_path / "cache").exists()  # nothing half-built is left behind
 
 
 # --- BM25 on the real data -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("search-cache")
+def index_cache() -> Path:
+    """The user's cache, as the tools use it (NEGAGENT_CACHE, else ~/.cache/negagent): the real
+    corpus's index takes 30-60 s to build on 2 cores, so it is built once per data version, not
+    once per session. Building and rebuilding are tested on the small corpus above."""
+    return Path(os.environ.get("NEGAGENT_CACHE") or "~/.cache/negagent").expanduser()
 
 
 @pytest.fixture(scope="session")
 def bm25(data_dir: Path, index_cache: Path) -> BM25Search:
-    """Built once per session (the slow part, a few seconds) in a temporary cache folder."""
     return BM25Search(data_dir, index_cache)
 
 
 def test_real_corpus_size(data_dir: Path, bm25: BM25Search) -> None:
-    hotpot = [p for p in bm25.passages if " | " in p]
-    assert len(hotpot) > 14_500
+    """Every paragraph of the data directory, each once (titled ones are HotpotQA's)."""
+    assert (len(bm25.passages), sum(" | " in p for p in bm25.passages)) == (21_790, 20_466)
     assert len(set(bm25.passages)) == len(bm25.passages)
 
 
-def test_second_construction_loads_the_cached_index_fast(data_dir: Path, index_cache: Path, bm25: BM25Search) -> None:
-    start = time.perf_counter()
+def test_second_construction_loads_the_cached_index(data_dir: Path, index_cache: Path, bm25: BM25Search) -> None:
+    """A second construction loads the index the first one built: nothing is rebuilt or rewritten."""
+    files = {p.name: p.stat() for p in bm25.index_dir.iterdir()}
+    cache_entries = sorted(p.name for p in index_cache.iterdir())
     again = BM25Search(data_dir, index_cache)
-    assert time.perf_counter() - start < 1.0
-    assert again.identity == bm25.identity
+    assert not again.built and again.index_dir == bm25.index_dir
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in again.index_dir.iterdir()} == {
+        name: (stat.st_ino, stat.st_mtime_ns) for name, stat in files.items()}
+    assert sorted(p.name for p in index_cache.iterdir()) == cache_entries  # no (temporary) build folder
+    assert again.identity == bm25.identity and again.passages == bm25.passages
 
 
 def test_bm25_observation_format(bm25: BM25Search) -> None:
     observation = bm25.search("Kiss and Tell Corliss Archer")
     match = OBSERVATION.match(observation)
     assert match, observation
-    assert "\n" not in observation
-    for passage in match.groups():
-        assert len(passage) <= 400 + len(" ...")
+    assert [p.split(" | ")[0] for p in match.groups()] == [
+        "Kiss and Tell (1945 film)", "A Kiss for Corliss", "Meet Corliss Archer (TV series)"]
+    # Passages of at most 400 characters come whole; a longer one is cut at a word, marked " ...".
+    assert match["p1"] in bm25.passages and match["p3"] in bm25.passages
+    assert len(match["p2"]) == 397 and match["p2"].endswith(" in the title sequence. The film was ...")
     assert bm25.search("qqqzzzxxx") == NO_RESULTS
 
 
 @pytest.mark.parametrize(
-    "question, gold_title",
+    "question, titles",
     [
         (
             "What government position was held by the woman who portrayed Corliss Archer in the film Kiss and Tell?",
-            "Kiss and Tell (1945 film)",
+            ["Kiss and Tell (1945 film)", "A Kiss for Corliss", "Meet Corliss Archer (TV series)"],
         ),
         (
             "What is the name of the fight song of the university whose main campus is in Lawrence, Kansas and "
             "whose branch campuses are in the Kansas City metropolitan area?",
-            "University of Kansas",
+            ["University of Kansas", "University of Missouri–Kansas City", "Wichita, Kansas"],
         ),
-        ("VIVA Media AG changed it's name in 2004. What does their new acronym stand for?", "VIVA Media"),
+        ("VIVA Media AG changed it's name in 2004. What does their new acronym stand for?",
+         ["VIVA Media", "VIVA Poland", "WWE One Night Stand"]),
     ],
 )
-def test_bm25_finds_the_gold_paragraph(bm25: BM25Search, question: str, gold_title: str) -> None:
-    assert f": {gold_title} | " in bm25.search(question)
+def test_bm25_finds_the_gold_paragraph_first(bm25: BM25Search, question: str, titles: list[str]) -> None:
+    """The gold paragraph (the first title) ranks first; the ranking is deterministic."""
+    assert re.findall(r"#\d: ([^|]+?) \| ", bm25.search(question)) == titles
 
 
 def test_bm25_recall_on_real_questions(data_dir: Path, bm25: BM25Search) -> None:
-    """A gold supporting title is among the top 3 for most HotpotQA questions (about 86% here)."""
+    """A gold supporting title is among the top 3 for most HotpotQA questions (88 of the first 100)."""
     lines = (data_dir / "hotpotqa_context" / "amor" / "test.json").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines[:100]]
     hits = 0
     for row in rows:
         observation = bm25.search(row["question"])
         hits += any(f": {title} | " in observation for title, _ in row["supporting_facts"])
-    assert hits >= 0.75 * len(rows)
+    assert hits == 88
 
 
-def test_toolbox_search_from_config_replays(data_dir: Path, index_cache: Path, tmp_path: Path) -> None:
+def test_toolbox_search_from_config_replays(
+    bm25: BM25Search, data_dir: Path, index_cache: Path, tmp_path: Path
+) -> None:
+    """The config-built toolbox finds the index of the `bm25` fixture and searches it with its own k."""
     cfg = {"search": {"backend": "bm25", "data_dir": str(data_dir), "cache_dir": str(index_cache), "top_k": 2}}
     path = tmp_path / "tools.jsonl"
     live = build_toolbox(["search"], cfg, ToolCache(path, "record")).call("search", "Shirley Temple")
-    assert live.ok and live.observation.startswith("#1: ") and " #3: " not in live.observation
+    titles = re.findall(r"#\d: ([^|]+?) \| ", live.observation)
+    assert live.ok and titles == ["Shirley Temple", "Kiss and Tell (1945 film)"]
     replayed = build_toolbox(["search"], cfg, ToolCache(path, "replay")).call("search", "Shirley Temple")
     assert replayed == live
 
@@ -190,12 +220,14 @@ KEY = "sk-test-DO-NOT-LEAK-4242"
 
 class _FakeSerper(BaseHTTPRequestHandler):
     received: list[tuple[str, str | None, dict]] = []
+    # "/slow" answers only once this is set (at the fixture's teardown): the client's timeout fires first.
+    release = threading.Event()
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _FakeSerper.received.append((self.path, self.headers.get("X-API-KEY"), body))
         if self.path == "/slow":
-            time.sleep(1.0)
+            _FakeSerper.release.wait(timeout=120)
         status = {"/search": 200, "/slow": 200, "/denied": 403, "/broken": 500, "/garbage": 200}[self.path]
         if self.path == "/garbage":
             payload = b"<html>not json</html>"
@@ -225,10 +257,12 @@ class _FakeSerper(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def fake_serper() -> Iterator[str]:
+    _FakeSerper.release = threading.Event()  # a fresh one: a previous session in this process set its own
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSerper)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    _FakeSerper.release.set()
     server.shutdown()
     server.server_close()
 
@@ -244,7 +278,8 @@ def test_serper_formats_answer_and_snippets(monkeypatch: pytest.MonkeyPatch, fak
     assert match, observation
     assert match["p1"] == "Chief of Protocol"
     assert match["p2"] == "Shirley Temple Black was an actress and diplomat."
-    assert match["p3"].endswith(" ...") and len(match["p3"]) <= 404
+    # 13 whole sentences are 390 characters; the 400-character cut ends at the last whole word.
+    assert match["p3"] == "Kiss and Tell is a 1945 film. " * 13 + "Kiss and ..."
     path, key, body = _FakeSerper.received[-1]
     assert (path, key, body) == ("/search", KEY, {"q": "Corliss Archer actress"})
 
@@ -265,8 +300,8 @@ def test_serper_failures_are_error_observations(
 
 
 def test_serper_unreachable_is_an_error_observation(monkeypatch: pytest.MonkeyPatch) -> None:
-    observation = _serper(monkeypatch, "http://127.0.0.1:9/search", timeout_s=1).search("q")
-    assert observation.startswith("Error: search request failed") and KEY not in observation
+    observation = _serper(monkeypatch, f"http://127.0.0.1:{free_port()}/search", timeout_s=1).search("q")
+    assert observation == "Error: search request failed (ConnectError)"
 
 
 def test_serper_needs_its_key_variable(monkeypatch: pytest.MonkeyPatch) -> None:

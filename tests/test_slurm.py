@@ -11,19 +11,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from negagent.sweep import STATUS_FILE, read_done
 from negagent.trajectory import write_trajectories
-from tests.helpers import make_traj
+from tests.helpers import assert_one_line_error, make_traj
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
-# Files every finished member must have written; metrics.json joins once training and evaluation land.
-MEMBER_OUTPUTS = ("manifest.json", "eval/metrics.json")
+# The `trajectories` fixture's good file: 12 trajectories, every third one a failure.
+GOOD_COUNTS = {"positive": 8, "negative": 4}
 
 
 def _script(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -62,18 +61,22 @@ def _status(sweep_dir: Path, by: str) -> dict[str, dict]:
 
 
 def check_members(sweep_dir: Path, by: str, expected: dict[str, str]) -> dict[str, dict]:
-    """Every member is listed with the expected status; finished ones hold their outputs and a done
-    marker for their config; failed ones name an existing log and hold no done marker."""
+    """Every member is listed with the expected status; finished ones hold the manifest of their own
+    strategy and data, their evaluation and a done marker for their config; failed ones name the log
+    their error line comes from and hold no done marker."""
     members = _status(sweep_dir, by)
     assert {key: m["status"] for key, m in members.items()} == expected, json.dumps(list(members.values()), indent=1)
     for key, member in members.items():
         run_dir = Path(member["run_dir"])
         if member["status"] in ("finished", "skipped"):
-            for name in MEMBER_OUTPUTS:
-                assert (run_dir / name).is_file(), f"{key}: {name} missing in {run_dir}"
+            overrides = dict(o.split("=", 1) for o in member["overrides"])
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            assert (manifest["task"], manifest["strategy"], manifest["trajectories"], manifest["available"]) == (
+                "arith", overrides["tagging"], overrides["data.trajectories"], GOOD_COUNTS), key
+            assert json.loads((run_dir / "eval" / "metrics.json").read_text())["task"] == "arith", key
             assert read_done(run_dir)["config_hash"] == member["config_hash"]
         else:
-            assert Path(member["log_err"]).is_file() and member["error"], member
+            assert member["error"] in Path(member["log_err"]).read_text().splitlines(), member
             assert read_done(run_dir) is None
     return members
 
@@ -90,10 +93,9 @@ def trajectories(tmp_path) -> tuple[Path, Path]:
 def test_unknown_partition_stops_before_submission(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     done = _sweep(["tagging=prefix,none", f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=gpu_nope"], timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: partition 'gpu_nope' (hydra.launcher.partition) "
-                                                           "does not exist on this cluster; it has: local")
-    assert not (sweep / ".submitit").exists()
+    assert_one_line_error(done, "error: partition 'gpu_nope' (hydra.launcher.partition) does not exist on this "
+                                "cluster; it has: local")
+    assert not (sweep / ".submitit").exists()  # no job folder: nothing was submitted
 
 
 def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
@@ -113,12 +115,16 @@ def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
         assert f"| {strategy} " in table, table
     assert "missing" not in table.lower(), table
 
-    started = time.monotonic()  # the same sweep again: nothing is submitted
+    # The same sweep again: nothing is submitted. submitit makes a folder per job (.submitit/<job id>),
+    # so an unchanged listing and no job id in the status mean no job, whatever the machine's speed.
+    job_folders = sorted(p.name for p in (sweep / ".submitit").iterdir())
+    assert len(job_folders) >= 1, job_folders
     again = _sweep(["tagging=prefix,none", f"data.trajectories={good}", *common])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 finished, 2 skipped (finished earlier), 0 failed" in again.stdout, again.stdout + again.stderr[-3000:]
-    assert time.monotonic() - started < 60  # one process start; no job (a member alone takes longer on a busy machine)
-    check_members(sweep, "tagging", {"tagging=prefix": "skipped", "tagging=none": "skipped"})
+    assert sorted(p.name for p in (sweep / ".submitit").iterdir()) == job_folders
+    skipped = check_members(sweep, "tagging", {"tagging=prefix": "skipped", "tagging=none": "skipped"})
+    assert [(m["job_id"], m["log_err"]) for m in skipped.values()] == [(None, None), (None, None)]
 
     # Same sweep dir, trajectories swept: the good member is the first sweep's prefix member (skipped),
     # the bad one fails and is named with its log; a re-run submits it again.
@@ -129,12 +135,15 @@ def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
                                         f"data.trajectories={bad}": "failed"})
         failed = members[f"data.trajectories={bad}"]
         assert members[f"data.trajectories={good}"]["run_dir"] == first_members["tagging=prefix"]["run_dir"]
-        assert str(bad) in failed["error"]  # the member's own one-line error, read from its log
+        # The member's own one-line error, read from its log.
+        assert failed["error"] == (f"error: {bad}:1: bad trajectory record: Expecting ',' delimiter: line 1 column 29 "
+                                   "(char 28) (set data.skip_bad_lines=true to skip such lines)")
         report = [line for line in failing.stderr.splitlines() if line.startswith("FAILED #1")]
         assert report == [f"FAILED #1 (debug=smoke tagging=prefix data.trajectories={bad} "
                           f"trainer.evaluate_after=True eval.evaluator.sampling.max_new_tokens=24): {failed['error']} "
                           f"(log: {failed['log_err']})"], failing.stderr[-3000:]
-        assert failing.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 sweep members failed")
+        assert_one_line_error(failing, "error: 1 of 2 sweep members failed (listed above); run the same command "
+                                       "again to retry them, finished members are skipped")
         if attempt == 0:
             first_job = failed["job_id"]
         else:
@@ -169,4 +178,5 @@ def test_one_task_per_gpu_gives_each_task_its_rank(slurm, tmp_path):
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in ranks] == [("0", "0", "2"), ("1", "1", "2")]
     assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
-    assert read_done(run_dir) is not None
+    done_record = read_done(run_dir)  # written once, by the launcher's rank-0 wrapper, for the job's first attempt
+    assert done_record["outputs"] == [] and done_record["attempt"].endswith(":0"), done_record

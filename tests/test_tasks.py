@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import sys
 import types
@@ -13,34 +15,56 @@ from omegaconf import OmegaConf
 
 from negagent.errors import NegagentError
 from negagent.tasks import TASK_NAMES, get_task
+from negagent.tasks import arith as arith_module
+from negagent.tasks.arith import THEMES, Problem, _operands, generate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_TASKS = ("math", "hotpotqa", "strategyqa")
 
 
-def test_unknown_task():
-    with pytest.raises(NegagentError) as err:
-        get_task({"name": "x", "data_dir": None})
-    assert str(err.value) == "unknown task 'x'; choose one of: arith, math, hotpotqa, strategyqa"
-
-
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg, message",
     [
-        {"name": "math", "scoring": "fuzzy"},
-        {"name": "math", "source": "web"},
-        {"name": "math", "test_sets": ["gsm9k"]},
-        {"name": "math", "test_sets": []},
-        {"name": "hotpotqa", "limit_test": -1},
-        {"name": "arith", "max_steps": 7},
-        {"name": "arith", "min_steps": 3, "max_steps": 2},
-        {"name": "arith", "n_train": "many"},
-        {"name": "arith", "n_train": None},
+        ({"name": "math", "scoring": "fuzzy"}, "task.scoring='fuzzy': choose one of: numeric, strict"),
+        ({"name": "arith", "scoring": "fuzzy"}, "task.scoring='fuzzy': choose one of: numeric, strict"),
+        ({"name": "math", "source": "web"}, "task.source='web': choose one of: local, hub"),
+        ({"name": "hotpotqa", "source": "web"}, "task.source='web': choose one of: local, hub"),
+        ({"name": "strategyqa", "source": "web"}, "task.source='web': choose one of: local, hub"),
+        ({"name": "math", "test_sets": ["gsm9k"]},
+         "task.test_sets=['gsm9k']: choose from: gsm8k, svamp, asdiv, multiarith"),
+        ({"name": "math", "test_sets": []}, "task.test_sets=[]: choose from: gsm8k, svamp, asdiv, multiarith"),
+        ({"name": "hotpotqa", "limit_test": -1}, "task.limit_test=-1: expected an integer >= 0"),
+        ({"name": "strategyqa", "limit_train": "x"}, "task.limit_train='x': expected an integer >= 0"),
+        ({"name": "math", "limit_train": True}, "task.limit_train=True: expected an integer >= 0"),
+        ({"name": "arith", "max_steps": 7}, "task.min_steps=2, task.max_steps=7: need min <= max <= 6"),
+        ({"name": "arith", "min_steps": 3, "max_steps": 2}, "task.min_steps=3, task.max_steps=2: need min <= max <= 6"),
+        ({"name": "arith", "min_steps": 0}, "task.min_steps=0: expected an integer >= 1"),
+        ({"name": "arith", "max_steps": 0}, "task.max_steps=0: expected an integer >= 1"),
+        ({"name": "arith", "n_train": "many"}, "task.n_train='many': expected an integer >= 0"),
+        ({"name": "arith", "n_train": None}, "task.n_train=None: expected an integer >= 0"),
+        ({"name": "arith", "n_test": -1}, "task.n_test=-1: expected an integer >= 0"),
+        ({"name": "arith", "seed": 1.5}, "task.seed=1.5: expected an integer >= 0"),
+        ({"name": "arith", "limit_test": -2}, "task.limit_test=-2: expected an integer >= 0"),
+        # 0 turns would store episodes without a single message, which no loader accepts.
+        ({"name": "arith", "max_turns": 0}, "task.max_turns=0: expected an integer >= 1"),
+        ({"name": "math", "max_turns": "7"}, "task.max_turns='7': expected an integer >= 1"),
+        ({"name": "x"}, "unknown task 'x'; choose one of: arith, math, hotpotqa, strategyqa"),
+        ({}, "unknown task None; choose one of: arith, math, hotpotqa, strategyqa"),
     ],
 )
-def test_bad_config_values_are_user_errors(cfg):
-    with pytest.raises(NegagentError, match=r"task\."):
+def test_bad_config_values_are_user_errors(cfg, message):
+    with pytest.raises(NegagentError) as err:
         get_task({"data_dir": None, **cfg})
+    assert str(err.value) == message
+
+
+def test_limits_cap_the_generated_arith_counts():
+    """limit_* caps n_train/n_test like it caps the questions read from files; 0 keeps none."""
+    task = get_task({"name": "arith", "n_train": 5, "n_test": 4, "limit_train": 3, "limit_test": 0})
+    assert (len(task.train_questions()), len(task.test_sets()["arith"])) == (3, 0)
+    uncapped = get_task({"name": "arith", "n_train": 5, "n_test": 4, "limit_train": 9, "limit_test": None})
+    assert (len(uncapped.train_questions()), len(uncapped.test_sets()["arith"])) == (5, 4)
+    assert uncapped.train_questions()[:3] == task.train_questions()
 
 
 # --- instructions ------------------------------------------------------------------------------
@@ -67,10 +91,41 @@ def test_task_specific_answer_rules():
 _EXPR = re.compile(r"^\d+[-+*/]\d+$")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def arith():
+    """Made afresh for each test (a fraction of a second): a shared copy would be generated inside
+    whichever test runs first, and mutation testing would credit only that test with it."""
     task = get_task({"name": "arith", "data_dir": None, "n_train": 300, "n_test": 100})
     return task, task.train_questions(), task.test_sets()["arith"]
+
+
+def test_arith_problems_are_exactly_the_published_ones(arith):
+    """The generated problems are part of every collected dataset's identity: any change to the
+    generator shows here. The digest covers all 400 problems (ids, texts, golds, steps, themes);
+    after a deliberate change, recompute it with the expression below and say why in the commit."""
+    _, train, test = arith
+    assert (train[0].id, train[0].question, train[0].gold) == (
+        "arith-train-0-0",
+        "Lena bakes 67 cookies for a school fair. With help from friends, she ends up with four times as many "
+        "cookies as before. Sadly, 2 cookies break and are thrown away. How many cookies does Lena have now?",
+        266,
+    )
+    assert train[0].meta == {"theme": "baking", "steps": [
+        {"expr": "67*4", "value": 268, "text": "Multiply the number of cookies by 4."},
+        {"expr": "268-2", "value": 266, "text": "Subtract the 2 broken cookies."}]}
+    assert (test[0].id, test[0].gold, [s["expr"] for s in test[0].meta["steps"]]) == (
+        "arith-test-0-0", 5, ["2*5", "20-10", "10/2"])
+    blob = json.dumps([[q.id, q.question, q.gold, q.meta] for q in train + test], sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest() == "a66b5174e76bb40db3bc6a38825b18897e514142ed73fbebf4629077f67ec221"
+
+
+def test_arith_values_stay_whole_and_within_the_story(arith):
+    """Every intermediate value is a whole number from 2 to the theme's largest value."""
+    themes = {theme.name: theme for theme in THEMES}
+    _, train, test = arith
+    for q in train + test:
+        values = [step["value"] for step in q.meta["steps"]]
+        assert all(isinstance(v, int) and 2 <= v <= themes[q.meta["theme"]].max_value for v in values), q
 
 
 def test_arith_sizes_and_ids(arith):
@@ -117,16 +172,66 @@ def test_arith_steps_recompute_the_gold(arith):
 
 def test_arith_problems_are_varied(arith):
     _, train, _ = arith
-    assert len({q.meta["theme"] for q in train}) >= 6
+    assert {q.meta["theme"] for q in train} == {
+        "shopping", "savings", "ages", "travel", "baking", "library", "farm", "rain barrel"}
     ops = {re.sub(r"\d+", "", step["expr"]) for q in train for step in q.meta["steps"]}
     assert ops == {"+", "-", "*", "/"}
     assert {len(q.meta["steps"]) for q in train} == {2, 3, 4}
 
 
+def test_arith_defaults():
+    task = get_task({"name": "arith"})
+    assert (task.n_train, task.n_test, task.seed, task.min_steps, task.max_steps, task.scoring) == (
+        2000, 200, 0, 2, 4, "numeric")
+
+
+@pytest.mark.parametrize("n_train", [1, 2])
+def test_arith_few_problems(n_train):
+    task = get_task({"name": "arith", "n_train": n_train, "n_test": 1, "min_steps": 3, "max_steps": 3})
+    train = task.train_questions()
+    assert [q.id for q in train] == [f"arith-train-0-{i}" for i in range(n_train)]
+    assert [len(q.meta["steps"]) for q in train + task.test_sets()["arith"]] == [3] * (n_train + 1)
+
+
+def test_arith_operands_at_their_bounds():
+    """The smallest operand is 2 and no value leaves 2..max_value: at each bound exactly one
+    operand fits, one step further none does."""
+    shopping = THEMES[0]  # values up to 1000
+    rng = random.Random(0)
+    assert (_operands(rng, "-", 4, shopping), _operands(rng, "-", 3, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "+", 998, shopping), _operands(rng, "+", 999, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "*", 500, shopping), _operands(rng, "*", 501, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "/", 4, shopping), _operands(rng, "/", 3, shopping)) == ({"n": 2}, None)
+
+
+def _four_problems(monkeypatch) -> None:
+    """make_problem replaced by draws among four fixed problems, so that draws repeat and splits collide."""
+    def draw(rng, n_steps):
+        i = rng.randrange(4)
+        return Problem(f"P{i}", i, [{"expr": f"{i}+0", "value": i, "text": "t"}], "fake")
+
+    monkeypatch.setattr(arith_module, "make_problem", draw)
+
+
+def test_arith_train_never_repeats_a_test_problem(monkeypatch):
+    _four_problems(monkeypatch)
+    task = get_task({"name": "arith", "n_train": 2, "n_test": 2})
+    # The train stream alone would draw P2 then P3; P3 is a test problem, so P1 comes instead.
+    assert [q.question for q in task.test_sets()["arith"]] == ["P3", "P0"]
+    assert [q.question for q in task.train_questions()] == ["P2", "P1"]
+
+
+def test_arith_generator_draws_distinct_problems_or_says_it_cannot(monkeypatch):
+    _four_problems(monkeypatch)
+    assert sorted(p.text for p in generate(random.Random("x"), 4, 1, 1)) == ["P0", "P1", "P2", "P3"]
+    with pytest.raises(NegagentError) as err:
+        generate(random.Random("x"), 5, 1, 1)
+    assert str(err.value) == "arith: made only 4 distinct problems of 5; lower n_train or n_test"
+
+
 def test_arith_step_range():
     task = get_task({"name": "arith", "n_train": 50, "n_test": 10, "min_steps": 1, "max_steps": 6})
-    lengths = {len(q.meta["steps"]) for q in task.train_questions()}
-    assert lengths <= set(range(1, 7)) and 6 in lengths
+    assert {len(q.meta["steps"]) for q in task.train_questions()} == {1, 2, 3, 4, 5, 6}
 
 
 def test_arith_scores_like_math():
@@ -222,21 +327,26 @@ def test_strategyqa(data_dir):
 # --- data-file errors --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "relpath"), [
-    ("math", "gsm8k/train.jsonl"),
-    ("hotpotqa", "nat/hotpotqa/train_random_8000.json"),
-    ("strategyqa", "nat/strategyqa/train.jsonl"),
+NAT_ORIGIN = "the NAT repository's data folder, https://github.com/Reason-Wang/NAT"
+
+
+@pytest.mark.parametrize(("name", "relpath", "origin"), [
+    ("math", "gsm8k/train.jsonl", "GSM8K, https://huggingface.co/datasets/openai/gsm8k"),
+    ("hotpotqa", "nat/hotpotqa/train_random_8000.json", NAT_ORIGIN),
+    ("strategyqa", "nat/strategyqa/train.jsonl", NAT_ORIGIN),
 ])
-def test_missing_file_names_the_path_and_the_fix(tmp_path, name, relpath):
+def test_missing_file_names_the_path_and_the_fix(tmp_path, name, relpath, origin):
     with pytest.raises(NegagentError) as err:
         get_task({"name": name, "data_dir": str(tmp_path)}).train_questions()
-    message = str(err.value)
-    assert str(tmp_path / relpath) in message and "task.data_dir" in message and "task.source=hub" in message
+    assert str(err.value) == (f"{tmp_path / relpath} not found: set task.data_dir to a directory holding "
+                              f"({relpath} from {origin}), or task.source=hub when online")
 
 
 def test_unset_data_dir():
-    with pytest.raises(NegagentError, match=r"task.data_dir is not set.*gsm8k/train.jsonl"):
+    with pytest.raises(NegagentError) as err:
         get_task({"name": "math", "data_dir": None}).train_questions()
+    assert str(err.value) == ("task.data_dir is not set: set it to a directory holding (gsm8k/train.jsonl from "
+                              "GSM8K, https://huggingface.co/datasets/openai/gsm8k), or task.source=hub when online")
 
 
 def _write(path: Path, text: str) -> None:
@@ -244,31 +354,31 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path):
-    path = tmp_path / "gsm8k" / "train.jsonl"
-    _write(path, json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
-    with pytest.raises(NegagentError, match=re.escape(f"{path}:2: invalid JSON")):
-        get_task({"name": "math", "data_dir": str(tmp_path)}).train_questions()
+GOOD_GSM8K = json.dumps({"question": "q", "answer": "#### 1"})
 
 
-def test_malformed_json_names_file(tmp_path):
-    path = tmp_path / "nat" / "hotpotqa" / "dev_random_500.json"
-    _write(path, '[{"question": "q", "answer": "a", "id": 1},]')
-    with pytest.raises(NegagentError, match=re.escape(str(path))):
-        get_task({"name": "hotpotqa", "data_dir": str(tmp_path)}).test_sets()
-
-
-def test_record_without_a_field(tmp_path):
-    _write(tmp_path / "gsm8k" / "train.jsonl", json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(NegagentError, match=r"gsm8k/train.jsonl: record 0 lacks field 'answer'"):
-        get_task({"name": "math", "data_dir": str(tmp_path)}).train_questions()
-
-
-def test_non_boolean_strategyqa_answer(tmp_path):
-    record = {"id": "a", "question": "q?", "answer": "no"}
-    _write(tmp_path / "nat" / "strategyqa" / "train.jsonl", json.dumps(record))
-    with pytest.raises(NegagentError, match="answer must be true or false"):
-        get_task({"name": "strategyqa", "data_dir": str(tmp_path)}).train_questions()
+@pytest.mark.parametrize(("name", "relpath", "content", "message"), [
+    ("math", "gsm8k/train.jsonl", GOOD_GSM8K + "\n\n{not json\n",
+     "{path}:3: invalid JSON: Expecting property name enclosed in double quotes"),  # blank lines are counted
+    ("math", "gsm8k/train.jsonl", GOOD_GSM8K + "\n[1]\n", "{path}:2: expected a JSON object"),
+    ("math", "gsm8k/train.jsonl", json.dumps({"question": "q"}) + "\n",
+     "gsm8k/train.jsonl: record 0 lacks field 'answer'"),
+    ("math", "gsm8k/train.jsonl", GOOD_GSM8K + "\n" + json.dumps({"answer": "#### 2"}) + "\n",
+     "gsm8k/train.jsonl: record 1 lacks field 'question'"),
+    ("hotpotqa", "nat/hotpotqa/train_random_8000.json", '[{"question": "q", "answer": "a", "id": 1},]',
+     "{path}: invalid JSON at line 1: Expecting value"),
+    ("hotpotqa", "nat/hotpotqa/train_random_8000.json", '{"question": "q"}', "{path}: expected a JSON list of objects"),
+    ("hotpotqa", "nat/hotpotqa/train_random_8000.json", '[{"question": "q", "answer": "a", "id": 1}, 2]',
+     "{path}: expected a JSON list of objects"),
+    ("strategyqa", "nat/strategyqa/train.jsonl", json.dumps({"id": "a", "question": "q?", "answer": "no"}),
+     "nat/strategyqa/train.jsonl: record 0: answer must be true or false, got 'no'"),
+])
+def test_malformed_data_files_name_file_line_and_record(tmp_path, name, relpath, content, message):
+    path = tmp_path / relpath
+    _write(path, content)
+    with pytest.raises(NegagentError) as err:
+        get_task({"name": name, "data_dir": str(tmp_path)}).train_questions()
+    assert str(err.value) == message.format(path=path)
 
 
 # --- hub source (the network is faked: only the mapping of hub rows is under test) ----------------
@@ -288,11 +398,17 @@ def _fake_hub(monkeypatch, rows=None, error=None):
     return calls
 
 
-def test_hub_failure_is_a_user_error(monkeypatch):
-    _fake_hub(monkeypatch, error=ConnectionError("no route to host"))
-    expected = r"could not load openai/gsm8k \(train\).*no route to host.*task.source=local"
-    with pytest.raises(NegagentError, match=expected):
+@pytest.mark.parametrize("error, reason", [
+    (ConnectionError("no route to host\nmore detail"), "no route to host"),  # the first line of the reason
+    (ConnectionError(), "ConnectionError"),  # no message: the exception's type
+])
+def test_hub_failure_is_a_user_error(monkeypatch, error, reason):
+    calls = _fake_hub(monkeypatch, error=error)
+    with pytest.raises(NegagentError) as err:
         get_task({"name": "math", "source": "hub"}).train_questions()
+    assert str(err.value) == (f"could not load openai/gsm8k (train) from the Hugging Face hub ({reason}); "
+                              "offline, use task.source=local with task.data_dir holding gsm8k/train.jsonl")
+    assert calls == [("openai/gsm8k", "main", "train")]
 
 
 def test_hub_rows_map_to_questions(monkeypatch):
@@ -308,6 +424,10 @@ def test_hub_rows_map_to_questions(monkeypatch):
 
 
 def test_hub_without_a_matching_copy(monkeypatch):
-    _fake_hub(monkeypatch, rows=[])
-    with pytest.raises(NegagentError, match=r"nat/SVAMP/test.jsonl has no matching public copy"):
+    calls = _fake_hub(monkeypatch, rows=[])
+    with pytest.raises(NegagentError) as err:
         get_task({"name": "math", "source": "hub", "test_sets": ["svamp"]}).test_sets()
+    assert str(err.value) == ("nat/SVAMP/test.jsonl has no matching public copy on the hub: use task.source=local "
+                              "with task.data_dir holding it (the NAT repository's data folder, "
+                              "https://github.com/Reason-Wang/NAT)")
+    assert calls == []  # nothing is asked of the hub

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from negagent.batching import GROUP_WINDOW, MicroBatches, collate, plan_micro_batches, processed_tokens, real_tokens
+from negagent.batching import (GROUP_WINDOW, MicroBatches, collate, first_item, plan_micro_batches, processed_tokens,
+                               real_tokens, trained_tokens)
 from negagent.errors import NegagentError
 from negagent.loss import normalised_loss
 from negagent.render import IGNORE, RenderedSample
@@ -39,13 +40,6 @@ def test_plan_uses_every_sample_once_and_evens_out_ranks(mode, world):
     assert sorted(i for batch in plan for i in batch) == list(range(37))
     assert len(plan) % world == 0 and all(1 <= len(b) <= 4 for b in plan)
     assert plan == plan_micro_batches(lengths, 4, mode, seed=1, world_size=world)  # seeded
-
-
-def test_plan_rejects_bad_settings():
-    with pytest.raises(NegagentError, match="trainer.batching='bogus'"):
-        plan_micro_batches([10, 20], 2, "bogus", seed=0)
-    with pytest.raises(NegagentError, match="cannot feed 4 ranks"):
-        plan_micro_batches([10, 20], 2, "grouped", seed=0, world_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +189,147 @@ def test_trained_position_logits_give_the_full_logits_loss_and_gradients(mode, l
     assert kept_loss == pytest.approx(full_loss, abs=1e-5)
     for full, kept in zip(full_grads, kept_grads):
         assert torch.allclose(full, kept, atol=1e-5, rtol=1e-4)
+
+
+# -- exact plans, layouts and counts of small cases ----------------------------------------------
+
+LENGTHS = [5, 9, 3, 7, 1, 8, 2]  # random.Random(0) shuffles range(7) to [4, 2, 1, 0, 5, 3, 6]
+
+
+@pytest.mark.parametrize(("mode", "world", "plan"), [
+    # grouped: longest first (one window holds them all), so neighbours have similar lengths
+    ("grouped", 1, [[1, 5], [3, 0], [2, 6], [4]]),
+    # packed and padded: the seeded shuffle, cut into micro-batches
+    ("packed", 1, [[4, 2], [1, 0], [5, 3], [6]]),
+    ("padded", 1, [[4, 2], [1, 0], [5, 3], [6]]),
+    # 3 ranks: the first largest micro-batches are halved until the count is a multiple of 3
+    ("grouped", 3, [[1], [5], [3], [0], [2, 6], [4]]),
+    ("padded", 3, [[4], [2], [1], [0], [5, 3], [6]]),
+    ("packed", 2, [[4, 2], [1, 0], [5, 3], [6]]),  # already even
+])
+def test_plan_of_a_small_case_is_exact(mode, world, plan):
+    assert plan_micro_batches(LENGTHS, 2, mode, seed=0, world_size=world) == plan
+
+
+def test_plan_seed_changes_the_order_and_one_rank_is_the_default():
+    # random.Random(1) shuffles range(7) to [3, 6, 5, 2, 0, 4, 1]; 3 micro-batches, left uneven for one rank
+    assert plan_micro_batches(LENGTHS, 3, "padded", seed=1) == [[3, 6, 5], [2, 0, 4], [1]]
+
+
+def test_plan_evens_out_ranks_by_halving_the_largest_batches():
+    """4 ranks, 9 samples in batches of 4: [4, 4, 1] becomes [2, 2, 4, 1], the first largest halved."""
+    plan = plan_micro_batches(list(range(9)), 4, "grouped", seed=0, world_size=4)
+    assert [len(b) for b in plan] == [2, 2, 4, 1]
+    assert plan == [[8, 7], [6, 5], [4, 3, 2, 1], [0]]
+    # batch size 1 and as many samples as ranks (or a multiple): one sample each
+    assert plan_micro_batches([3, 1, 2], 1, "grouped", seed=0, world_size=3) == [[0], [2], [1]]
+    assert plan_micro_batches([3, 1, 2, 4], 1, "grouped", seed=0, world_size=2) == [[3], [0], [2], [1]]
+
+
+def test_grouped_sorts_inside_windows_of_group_window_batches():
+    """Batch size 2: windows of 32 samples; each window is sorted longest first, windows stay apart."""
+    plan = plan_micro_batches(list(range(40)), 2, "grouped", seed=0)
+    order = [i for b in plan for i in b]
+    assert GROUP_WINDOW == 16
+    assert order == [39, 38, 37, 36, 35, 34, 33, 30, 29, 28, 27, 23, 22, 21, 20, 18, 17, 15, 14, 13, 12, 11, 10, 9,
+                     8, 7, 6, 5, 4, 3, 1, 0, 32, 31, 26, 25, 24, 19, 16, 2]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (([10, 20], 2, "bogus", 0, 1), "trainer.batching='bogus' is not one of grouped, packed, padded"),
+    (([10, 20], 0, "grouped", 0, 1), "trainer.per_device_batch_size=0 must be at least 1"),
+    (([10, 20], 2, "grouped", 0, 4), "2 training samples cannot feed 4 ranks the same number of micro-batches of "
+                                      "at most 2 without repeating samples; add data, use fewer ranks or a larger "
+                                      "per_device_batch_size"),
+    # One sample per micro-batch: 7 samples cannot make 8 micro-batches (it used to plan an empty one).
+    (([5] * 7, 1, "packed", 0, 2), "7 training samples cannot feed 2 ranks the same number of micro-batches of "
+                                   "at most 1 without repeating samples; add data, use fewer ranks or a larger "
+                                   "per_device_batch_size"),
+])
+def test_plan_rejects_bad_settings_exactly(args, message):
+    with pytest.raises(NegagentError) as err:
+        plan_micro_batches(*args)
+    assert str(err.value) == message
+
+
+# Sample "a": 4 tokens, the last 3 trained; "b": 3 tokens, the last 2 trained; "c": only its first token trained.
+SAMPLE_A = RenderedSample("a", [10, 11, 12, 13], [IGNORE, 11, 12, 13])
+SAMPLE_B = RenderedSample("b", [20, 21, 22], [IGNORE, 21, 22])
+SAMPLE_C = RenderedSample("c", [30, 31], [30, IGNORE])
+X = IGNORE
+
+
+@pytest.mark.parametrize(("loss_norm", "weights"), [
+    ("token_mean", [1, 1, 1, 0, 1, 1, 0]),  # shifted: each sample's last position has no target
+    ("seq_mean", [1 / 3, 1 / 3, 1 / 3, 0, 1 / 2, 1 / 2, 0]),  # each sample weighs 1 in all
+])
+def test_packed_batch_is_exact(loss_norm, weights):
+    """One row without pads; positions restart per sample; targets shifted inside each sample."""
+    batch = collate([SAMPLE_A, SAMPLE_B], [5, 2], packed=True, pad_id=99, loss_norm=loss_norm)
+    assert sorted(batch) == ["input_ids", "position_ids", "sample_index", "targets", "weights"]
+    assert batch["sample_index"].tolist() == [5, 2]
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 20, 21, 22]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert batch["targets"].tolist() == [[11, 12, 13, X, 21, 22, X]]
+    assert [batch[k].dtype for k in ("input_ids", "position_ids", "targets", "sample_index")] == [torch.long] * 4
+    assert batch["weights"].dtype == torch.float32
+    assert torch.equal(batch["weights"], torch.tensor([weights]))
+
+
+@pytest.mark.parametrize(("loss_norm", "weights"), [
+    ("token_mean", [[1, 1, 1, 0], [1, 1, 0, 0]]),
+    ("seq_mean", [[1 / 3, 1 / 3, 1 / 3, 0], [1 / 2, 1 / 2, 0, 0]]),
+])
+def test_padded_batch_is_exact(loss_norm, weights):
+    """Rows padded on the right with pad_id, masked out, without targets or weight."""
+    batch = collate([SAMPLE_A, SAMPLE_B], [5, 2], packed=False, pad_id=99, loss_norm=loss_norm)
+    assert sorted(batch) == ["attention_mask", "input_ids", "sample_index", "targets", "weights"]
+    assert batch["sample_index"].tolist() == [5, 2]
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 99]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["targets"].tolist() == [[11, 12, 13, X], [21, 22, X, X]]
+    # integer ids, mask and targets (the mask is a 0/1 padding mask, not an additive float mask)
+    assert [batch[k].dtype for k in ("input_ids", "attention_mask", "targets", "sample_index")] == [torch.long] * 4
+    assert batch["weights"].dtype == torch.float32
+    assert torch.equal(batch["weights"], torch.tensor(weights))
+
+
+@pytest.mark.parametrize(("packed", "counts"), [(True, (7, 7, 5)), (False, (8, 7, 5))])
+def test_token_counts(packed, counts):
+    """processed includes pads, real excludes them, trained counts the targets."""
+    batch = collate([SAMPLE_A, SAMPLE_B], [0, 1], packed=packed, pad_id=0, loss_norm="token_mean")
+    assert (processed_tokens(batch), real_tokens(batch), trained_tokens(batch)) == counts
+
+
+@pytest.mark.parametrize(("samples", "loss_norm", "message"), [
+    ([SAMPLE_A], "mean", "trainer.loss_norm='mean' is not one of token_mean, seq_mean"),
+    ([SAMPLE_A, SAMPLE_C], "token_mean", "sample c: no trained tokens after its first token"),
+])
+@pytest.mark.parametrize("packed", [True, False])
+def test_collate_rejects_bad_settings_and_samples(samples, loss_norm, message, packed):
+    """An unknown loss_norm is an error, and so is a sample whose only trained token is its first: it
+    has no target once shifted (seq_mean would divide by 0)."""
+    with pytest.raises(NegagentError) as err:
+        collate(samples, range(len(samples)), packed=packed, pad_id=0, loss_norm=loss_norm)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_micro_batches_collate_each_planned_group_with_the_settings(mode):
+    """Item k is the collated micro-batch k of the plan, in the mode's layout with the run's pad id."""
+    samples = [SAMPLE_B, SAMPLE_A, SAMPLE_B]
+    dataset = MicroBatches(samples, [[2], [1, 0]], mode=mode, pad_id=99, loss_norm="seq_mean")
+    assert len(dataset) == 2
+    for k, idx in enumerate([[2], [1, 0]]):
+        expected = collate([samples[i] for i in idx], idx, packed=mode == "packed", pad_id=99, loss_norm="seq_mean")
+        got = dataset[k]
+        assert sorted(got) == sorted(expected)
+        assert all(torch.equal(got[key], expected[key]) for key in expected), k
+    assert ("position_ids" in dataset[1]) == (mode == "packed")
+    if mode == "padded":
+        assert dataset[1]["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 99]]
+    items = [dataset[1], dataset[0]]
+    assert first_item(items) is items[0]  # the DataLoader's batch of one micro-batch is that micro-batch
+    # a one-sample data set is a valid one
+    single = MicroBatches([SAMPLE_A], [[0]], mode=mode, pad_id=99, loss_norm="token_mean")
+    assert single[0]["input_ids"].tolist() == [[10, 11, 12, 13]]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from negagent.checkpoint import tensor_digest
 from negagent.trajectory import write_trajectories
 from tests.helpers import make_traj
-from tests.test_training import REPO, _wait_for
+from tests.test_training import REPO, WAIT_S, _wait_for, checkpoint_saved, leave_save_unfinished
 
 N_SAMPLES = 24  # 2 ranks x 3 micro-batches of 4 per epoch
 
@@ -41,20 +41,25 @@ def test_zero3_two_ranks_disjoint_partitioned_resumed_and_verified(tmp_path, met
            "trainer=zero3", "trainer.nproc_per_node=2", f"trainer.method={method}", f"trainer.lr={lr}",
            "trainer.max_steps=-1", "trainer.epochs=2", "trainer.save_steps=3", "trainer.logging_steps=1", "trainer.lora.dropout=0"]
 
-    # First attempt: killed (the whole process group, ranks included) once step 4 is logged.
+    # First attempt: killed (the whole process group, ranks included) once checkpoint 3 is saved and
+    # step 4 is logged; then its checkpoint 6 is made what a kill during that save leaves, so the
+    # resume point is checkpoint 3 however far the run got before the signal landed.
+    checkpoints = run_dir / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: any(m.get("step") == 4 and "loss" in m for m in _metrics(run_dir)), proc, timeout=500)
+        _wait_for(lambda: checkpoint_saved(checkpoints, 3) and any(m.get("step") == 4 and "loss" in m for m in _metrics(run_dir)),
+                  proc)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert not (run_dir / "done").exists()
-    assert (run_dir / "checkpoints" / "checkpoint-3").is_dir()
     killed_step4 = next(m["loss"] for m in _metrics(run_dir) if m.get("step") == 4 and "loss" in m)
+    leave_save_unfinished(checkpoints / "checkpoint-6", "latest")
 
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=WAIT_S)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (run_dir / "done").is_file()
+    assert f"note: skipping {checkpoints / 'checkpoint-6'}: its save did not finish" in resumed.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-3" and summary["steps"] == 6 and summary["ranks"] == 2
 

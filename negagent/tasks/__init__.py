@@ -36,6 +36,8 @@ def get_task(cfg: Mapping[str, Any]) -> Task:
     name = cfg.get("name")
     if name not in _MODULES:
         raise NegagentError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
+    if cfg.get("max_turns") is not None:  # read by the agent loop's callers; 0 would store empty episodes
+        integer(cfg, "max_turns", 7, minimum=1)
     return importlib.import_module(_MODULES[name]).build(cfg)
 
 

@@ -405,10 +405,13 @@ def build(cfg: Mapping[str, Any]) -> ArithTask:
         raise NegagentError(
             f"task.min_steps={min_steps}, task.max_steps={max_steps}: need min <= max <= {MAX_STEPS}"
         )
+    # limit_* (shared by every task, used by debug=smoke) caps the generated counts; 0 keeps none,
+    # as it does for the tasks read from files.
+    limit_train, limit_test = limit(cfg, "limit_train"), limit(cfg, "limit_test")
+    n_train, n_test = integer(cfg, "n_train", 2000), integer(cfg, "n_test", 200)
     return ArithTask(
-        # limit_* (shared by every task, used by debug=smoke) caps the generated counts.
-        n_train=min(integer(cfg, "n_train", 2000), limit(cfg, "limit_train") or 10**9),
-        n_test=min(integer(cfg, "n_test", 200), limit(cfg, "limit_test") or 10**9),
+        n_train=n_train if limit_train is None else min(n_train, limit_train),
+        n_test=n_test if limit_test is None else min(n_test, limit_test),
         seed=integer(cfg, "seed", 0),
         min_steps=min_steps,
         max_steps=max_steps,

@@ -19,6 +19,10 @@ from fractions import Fraction
 MAX_INPUT_CHARS = 200
 MAX_RESULT_DIGITS = 1000
 MAX_FACTORIAL = 450  # 450! has 1001 digits
+# Nested operations (syntax-tree depth). The evaluator recurses once per level, so without a bound of
+# its own a deep input ("-" * 199 + "1") would fail or not depending on how deep the caller's stack
+# already is. 100 admits every sum or product that fits in MAX_INPUT_CHARS ("1+1+...+1").
+MAX_DEPTH = 100
 TIME_LIMIT_S = 1.0
 DECIMALS = 6
 
@@ -63,8 +67,9 @@ def calculate(expression: str) -> str:
     to at most 6 decimals with trailing zeros dropped ("2.5", "0.333333"), or in scientific
     notation with 6 significant digits when that rounding would show 0 ("3.33333e-7").
 
-    Bounds: input over 200 characters, results over 1000 digits (checked before computing a
-    power or factorial) and work past 1 s all give "Error: ...". Never raises.
+    Bounds: input over 200 characters, nesting deeper than 100 levels, results over 1000 digits
+    (checked before computing a power or factorial) and work past 1 s all give "Error: ...".
+    Never raises.
     """
     if not isinstance(expression, str):
         return "Error: the expression must be text"
@@ -177,13 +182,20 @@ class _Evaluator(ast.NodeVisitor):
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
+        self.depth = 0
 
     def visit(self, node: ast.AST) -> Fraction:
         # Each step is bounded by the size checks, so checking the clock between steps enforces
         # the time limit without threads or signals.
         if time.monotonic() > self.deadline:
             raise CalculatorError(f"took longer than {TIME_LIMIT_S:g} s")
-        return super().visit(node)
+        if self.depth >= MAX_DEPTH:
+            raise CalculatorError(f"expression nested deeper than {MAX_DEPTH} levels")
+        self.depth += 1
+        try:
+            return super().visit(node)
+        finally:
+            self.depth -= 1
 
     def generic_visit(self, node: ast.AST) -> Fraction:
         raise CalculatorError(f"unsupported syntax ({type(node).__name__}); use numbers and + - * / ** ( )")

@@ -242,7 +242,9 @@ class BM25Search:
         data_dir = _existing_data_dir(data_dir)
         self.top_k, self.max_chars = top_k, max_chars
         self.index_dir = Path(cache_dir).expanduser() / f"bm25-{_sources_fingerprint(data_dir)}"
-        if not (self.index_dir / "passages.json").is_file():
+        # Whether this construction built the index (False: it was loaded from the cache).
+        self.built = not (self.index_dir / "passages.json").is_file()
+        if self.built:
             self._build(data_dir)
         self._retriever = bm25s.BM25.load(str(self.index_dir), mmap=True, show_progress=False)
         meta = json.loads((self.index_dir / "passages.json").read_text(encoding="utf-8"))
