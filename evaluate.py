@@ -18,12 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from negagent.config import check_group_overrides
 from negagent.errors import exit_on_user_error
-from negagent.evaluation import EVAL_SUBDIR, evaluate
+from negagent import rundir
+from negagent.evaluation import evaluate
 
 # With run_dir set and no hydra.run.dir given, results go inside the run (<run>/eval), where
 # `python -m negagent.report` looks for them.
 OmegaConf.register_new_resolver(
-    "eval_dir", lambda run_dir, stamp: f"{run_dir}/{EVAL_SUBDIR}" if run_dir else f"runs/eval/{stamp}", replace=True
+    "eval_dir", lambda run_dir, stamp: f"{run_dir}/{rundir.EVAL}" if run_dir else f"runs/eval/{stamp}", replace=True
 )
 
 

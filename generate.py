@@ -1,8 +1,8 @@
 """Collect labelled trajectories: a teacher answers a task's training questions with tools.
 
-    python generate.py debug=smoke task=arith teacher=scripted hydra.run.dir=runs/gen
-    python generate.py task=math data_dir=DATA teacher=openai teacher.model=gpt-4o-mini hydra.run.dir=runs/gsm8k
-    python generate.py teacher=openai teacher.base_url=http://127.0.0.1:8000/v1 teacher.api_key_env=null \
+    python generate.py debug=smoke task=arith backend@teacher=scripted hydra.run.dir=runs/gen
+    python generate.py task=math data_dir=DATA backend@teacher=openai teacher.model=gpt-4o-mini hydra.run.dir=runs/gsm8k
+    python generate.py backend@teacher=openai teacher.base_url=http://127.0.0.1:8000/v1 teacher.api_key_env=null \
         teacher.model=/models/smollm2 protocol=paper hydra.run.dir=runs/local
 
 Writes episodes.jsonl (every episode), trajectories.jsonl (the protocol's training set) and
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from negagent.config import check_group_overrides
 from negagent.errors import exit_on_user_error
-from negagent.generation import collect
+from negagent.collection.collect import collect
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="generate")

@@ -6,7 +6,7 @@
 
 This process resolves the config, checks the data (writing `manifest.json`), freezes the config
 into the run directory and trains: in this process, or on torchrun ranks that read the frozen
-config (`negagent.launch`). Rerunning the command of an unfinished run resumes it.
+config (`negagent.training.launch`). Rerunning the command of an unfinished run resumes it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from negagent import launch, sweep
+from negagent import rundir, sweep
 from negagent.config import CONF_DIR, check_group_overrides
-from negagent.data import prepare
 from negagent.errors import exit_on_user_error
 from negagent.models import load_tokenizer
-from negagent.render import Renderer
+from negagent.render import build_renderer
 from negagent.tasks import get_task
-from negagent.training import check_trainer_config, samples_digest
+from negagent.training import launch
+from negagent.training.data import prepare
+from negagent.training.recipe import check_trainer_config, samples_digest
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
@@ -45,24 +46,24 @@ def main(cfg: DictConfig) -> None:
     launch.check_nproc(int(resolved["trainer"]["nproc_per_node"]))
     collecting = not resolved["data"]["trajectories"]
     if collecting:
-        resolved["data"]["trajectories"] = str(run_dir / "collected" / "trajectories.jsonl")
+        resolved["data"]["trajectories"] = str(run_dir / rundir.COLLECTED / rundir.TRAJECTORIES)
     state = launch.check_run_dir(run_dir, resolved)
     if state != "trained":
         if collecting:
             collect_default_data(resolved, run_dir)
         task = get_task(resolved["task"])
         tokenizer = load_tokenizer(resolved["model"])
-        renderer = Renderer(tokenizer, max_length=resolved["render"]["max_length"], end_of_turn=resolved["render"]["end_of_turn"])
+        renderer = build_renderer(tokenizer, resolved["render"])
         samples, manifest = prepare(resolved, task, renderer)
         manifest["samples_sha256"] = samples_digest(samples)
         for sample in samples[: cfg.data.preview]:
             print(f"--- sample {sample.id} (positive={sample.positive}) ---\n{renderer.debug_view(sample)}")
         print(json.dumps(manifest["samples"], indent=2))
         if state == "new":
-            (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            launch.freeze(run_dir, resolved)
+            rundir.write_manifest(run_dir, manifest)
+            rundir.freeze_config(run_dir, resolved)
         launch.run(run_dir, resolved)
-    outputs = ["manifest.json"]
+    outputs = [rundir.MANIFEST]
     if resolved["trainer"].get("evaluate_after"):
         outputs += evaluate_after_training(resolved, run_dir)
     sweep.mark_done(run_dir, cfg, outputs=outputs)
@@ -75,24 +76,24 @@ def collect_default_data(resolved: dict, run_dir: Path) -> None:
     The collection depends only on the task and `collect.*` (not on the training seed or strategy),
     so every member of a comparison trains on identical data.
     """
-    from negagent.generation import collect
+    from negagent.collection.collect import collect
 
-    collect({**resolved["collect"], "task": resolved["task"], "data_dir": resolved.get("data_dir")}, run_dir / "collected")
+    collect({**resolved["collect"], "task": resolved["task"], "data_dir": resolved.get("data_dir")}, run_dir / rundir.COLLECTED)
 
 
 def evaluate_after_training(resolved: dict, run_dir: Path) -> list[str]:
     """Evaluate the trained model (and, with `eval.compare_base`, the base model); print the table."""
     from negagent.evaluation import evaluate_run
-    from negagent.baseline import evaluate_base, print_comparison
+    from negagent.evaluation.baseline import evaluate_base, print_comparison
 
     overrides = {"task": {k: resolved["task"][k] for k in ("limit_test",) if k in resolved["task"]},
                  "data_dir": resolved.get("data_dir"), "cache_dir": resolved.get("cache_dir"),
                  **resolved["eval"]["evaluator"]}
     trained = evaluate_run(run_dir, overrides)
-    outputs = ["eval/metrics.json"]
+    outputs = [f"{rundir.EVAL}/{rundir.METRICS}"]
     if resolved["eval"].get("compare_base"):
-        base = evaluate_base(resolved, overrides, run_dir / "eval_base")
-        outputs.append("eval_base/metrics.json")
+        base = evaluate_base(resolved, overrides, run_dir / rundir.EVAL_BASE)
+        outputs.append(f"{rundir.EVAL_BASE}/{rundir.METRICS}")
         print_comparison(base, trained, resolved)
     return outputs
 

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negagent.backends.scripted import ScriptedTeacher  # noqa: E402
-from negagent.generation import collect  # noqa: E402
+from negagent.collection.collect import collect  # noqa: E402
 from negagent.tasks import get_task  # noqa: E402
 from tests.servers import ChatEndpoint  # noqa: E402
 

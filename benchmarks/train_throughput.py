@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from negagent.batching import MicroBatches, plan_micro_batches, processed_tokens, real_tokens, trained_tokens  # noqa: E402
+from negagent.training.batching import MicroBatches, plan_micro_batches, processed_tokens, real_tokens, trained_tokens  # noqa: E402
 from negagent.errors import NegagentError, exit_on_user_error  # noqa: E402
-from negagent.loss import normalised_loss, trained_logits  # noqa: E402
+from negagent.training.loss import normalised_loss, trained_logits  # noqa: E402
 
 NAT_FILES = ("strategyqa_gpt-3.5_positive.json", "strategyqa_gpt-3.5_negative.json")
 
@@ -40,7 +40,7 @@ def load_samples(data_dir: Path, max_length: int):
     from omegaconf import OmegaConf
 
     from negagent.config import CONF_DIR
-    from negagent.data import prepare
+    from negagent.training.data import prepare
     from negagent.importers import from_nat, read_question_file
     from negagent.models import load_tokenizer
     from negagent.render import Renderer

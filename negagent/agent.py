@@ -155,7 +155,7 @@ def run_episodes(
     call_tool: Callable[[str, str], tuple[str, bool]],
     *,
     sampling: Sampling,
-    max_turns: int = 7,
+    max_turns: int | None = None,
     tag: str | None = None,
     placement: str = "prefix",
     instructions_role: str = "system",
@@ -167,7 +167,9 @@ def run_episodes(
     `call_tool(name, argument) -> (observation, ok)` runs a tool. The prompt of every turn comes from
     `build_chat` (the renderer's chat builder) with the given tag, exactly as in training.
     `on_step(turn, finished, total)` is called after every turn and once at the end (for progress bars).
+    `max_turns` defaults to the task's own limit (`task.max_turns`).
     """
+    max_turns = task.max_turns if max_turns is None else max_turns
     episodes = [_Episode(q, i) for q, i in jobs]
     provenance = {"backend": backend.name, "temperature": sampling.temperature, **(provenance or {})}
     done = turns = 0

@@ -1,4 +1,5 @@
-"""Config helpers shared by the entry points."""
+"""Config helpers shared by the entry points: plain data, composing a primary config outside its
+entry point, and one-line errors for unknown group choices."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Sequence
 from negagent.errors import NegagentError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-_GROUP_OVERRIDE = re.compile(r"^[+~]?([\w/]+)=(.+)$")
+_GROUP_OVERRIDE = re.compile(r"^[+~]?([\w/]+)(?:@[\w.]+)?=(.+)$")
+# Keys that hold a config group chosen under another name (`backend@teacher=openai`).
+_RELOCATED_GROUPS = {"teacher": "backend@teacher", "collect.teacher": "backend@collect.teacher"}
 
 
 def plain(cfg: Any) -> dict:
@@ -23,6 +26,29 @@ def plain(cfg: Any) -> dict:
     return json.loads(json.dumps(cfg, default=str))
 
 
+def compose(config_name: str, overrides: Sequence[str] = ()) -> dict:
+    """The primary config `config_name` (train, evaluate, generate) as its entry point would compose
+    it with `overrides`, as plain resolved data, without the `hydra` section.
+
+    For stages called from another stage (train.py collecting or evaluating): the YAML files stay
+    the only place where defaults are written. Inside a running Hydra app its search path is used
+    (the same conf/ directory); elsewhere conf/ is read directly.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    with_hydra = OmegaConf.to_container(cfg, resolve=False)
+    with_hydra.pop("hydra", None)
+    return plain(OmegaConf.create(with_hydra))
+
+
 def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     """Reject `group=name` overrides naming a config that does not exist, in one line.
 
@@ -30,6 +56,9 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
     enough to deserve a one-line answer that lists the choices.
     """
     for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in _RELOCATED_GROUPS and value and not value.startswith(("{", "null")):
+            raise NegagentError(f"{arg}: the teacher is a backend config; choose it with {_RELOCATED_GROUPS[key]}={value}")
         match = _GROUP_OVERRIDE.match(arg)
         if not match:
             continue

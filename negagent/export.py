@@ -3,7 +3,7 @@
     python -m negagent.export <run_dir> [--no-merge] [--out DIR] [--allow-unfinished]
 
 Contract:
-- The run's weights are found as the evaluator finds them (`evaluated_model.from_run_dir`): a peft
+- The run's weights are found as the evaluator finds them (`model_source.from_run_dir`): a peft
   adapter on the base model named by the frozen `model` config, or a full model.
 - Adapter runs are merged into the base weights (peft `merge_and_unload`, the evaluator's own
   in-memory merge) and saved with `save_pretrained` as safetensors; with `--no-merge` the adapter is
@@ -37,9 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from negagent import rundir
 from negagent.errors import NegagentError, exit_on_user_error
 
-EXPORT_SUBDIR = "export"  # the default --out, inside the run directory
 CARD = "README.md"
 FACTS = "negagent_export.json"
 
@@ -86,9 +86,9 @@ def data_facts(run_dir: Path) -> dict[str, Any] | None:
 
 def eval_facts(run_dir: Path) -> dict[str, Any] | None:
     """Reward per tag mode and test set from `<run_dir>/eval/metrics.json`; None when not evaluated."""
-    from negagent.evaluation import EVAL_SUBDIR, METRICS
+    from negagent.rundir import EVAL, METRICS
 
-    path = run_dir / EVAL_SUBDIR / METRICS
+    path = run_dir / EVAL / METRICS
     if not path.is_file():
         return None
     metrics = _read_json(path)
@@ -101,7 +101,7 @@ def eval_facts(run_dir: Path) -> dict[str, Any] | None:
                 for name, summary in (result.get("test_sets") or {}).items()
             },
         }
-    return {"source": f"{EVAL_SUBDIR}/{METRICS}", "primary": metrics.get("primary"), "results": results,
+    return {"source": f"{EVAL}/{METRICS}", "primary": metrics.get("primary"), "results": results,
             "sampling": metrics.get("sampling"), "max_turns": metrics.get("max_turns")}
 
 
@@ -210,7 +210,7 @@ def _save_tokenizer(tokenizer, target: Path) -> None:
 
 
 def _save_model(subject, tokenizer, end_of_turn_id: int, target: Path) -> None:
-    from negagent.evaluated_model import load_causal_lm
+    from negagent.model_source import load_causal_lm
 
     model = load_causal_lm(subject, tokenizer, device="cpu")  # merges an adapter in memory
     model.config.use_cache = True  # training turns the cache off, and a full run saves that
@@ -249,8 +249,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, merge: bool = 
            allow_unfinished: bool = False) -> Path:
     """Write the model trained in `run_dir` to `out` (default `<run_dir>/export`); see the module docstring."""
     from negagent import __version__
-    from negagent.evaluated_model import from_run_dir, load_tokenizer_for
-    from negagent.launch import DONE
+    from negagent.model_source import from_run_dir, load_tokenizer_for
+    from negagent.rundir import TRAINED as DONE
     from negagent.render import Renderer
     from negagent.tasks import get_task
 
@@ -260,7 +260,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, merge: bool = 
     if not allow_unfinished and not any((folder / DONE).exists() for folder in (run_dir, run_dir.parent)):
         raise NegagentError(f"{run_dir}: the run has not finished (no '{DONE}' marker); "
                             f"pass --allow-unfinished to export its weights anyway")
-    out = Path(out).expanduser() if out is not None else run_dir / EXPORT_SUBDIR
+    out = Path(out).expanduser() if out is not None else run_dir / rundir.EXPORT
     _check_out(out)
     subject = from_run_dir(run_dir)
 
@@ -312,7 +312,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, merge: bool = 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m negagent.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a training run directory (or one of its checkpoint-* folders)")
-    parser.add_argument("--out", help=f"the directory to create (default: <run_dir>/{EXPORT_SUBDIR})")
+    parser.add_argument("--out", help=f"the directory to create (default: <run_dir>/{rundir.EXPORT})")
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                         help="merge a LoRA adapter into the base weights (default); --no-merge copies the adapter")
     parser.add_argument("--allow-unfinished", action="store_true", help="export a run without a 'done' marker")

@@ -16,11 +16,32 @@ tokenizer's tokenization of the whole text; otherwise the sample is rejected wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from negagent.errors import NegagentError
 
 IGNORE = -100
+MAX_LENGTH = 4096  # tokens per training sample when `render.max_length` is not set
+INSTRUCTIONS_ROLES = ("system", "user")
+
+
+def instructions_role(render_cfg: Mapping[str, Any] | None) -> str:
+    """Where the task instructions go (`render.instructions_role`: system, the default, or user)."""
+    role = (render_cfg or {}).get("instructions_role") or "system"
+    if role not in INSTRUCTIONS_ROLES:
+        raise NegagentError(f"render.instructions_role={role!r} is not one of: {', '.join(INSTRUCTIONS_ROLES)}")
+    return role
+
+
+def build_renderer(tokenizer, render_cfg: Mapping[str, Any] | None) -> "Renderer":
+    """The Renderer a `render` config section describes (`max_length`, `end_of_turn`); training,
+    collection and evaluation all build theirs here."""
+    render_cfg = render_cfg or {}
+    max_length = render_cfg.get("max_length")
+    max_length = MAX_LENGTH if max_length is None else int(max_length)
+    if max_length < 1:
+        raise NegagentError(f"render.max_length={max_length} must be at least 1")
+    return Renderer(tokenizer, max_length=max_length, end_of_turn=render_cfg.get("end_of_turn"))
 
 
 def build_chat(
@@ -75,7 +96,7 @@ class RenderedSample:
 class Renderer:
     """Renders chats to ids with `tokenizer`'s chat template; see the module docstring."""
 
-    def __init__(self, tokenizer, *, max_length: int = 4096, end_of_turn: str | None = None):
+    def __init__(self, tokenizer, *, max_length: int = MAX_LENGTH, end_of_turn: str | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.end_of_turn = end_of_turn or tokenizer.eos_token

@@ -5,7 +5,7 @@ A sweep member is identified by a hash of its resolved config without the keys t
 things are kept or how they are logged (`hydra.*`, `cache_dir` at any depth, `logger`,
 `data.preview`). When a member finishes, `done.json` in its run directory records that hash.
 Re-running the same sweep (same `hydra.sweep.dir`) skips members whose `done.json` matches and
-whose recorded outputs still exist; failed or unfinished members run again. A run directory that
+whose recorded outputs still exist (file names in `negagent.rundir`); failed or unfinished members run again. A run directory that
 holds a finished run of a *different* config is never overwritten: that is an error.
 
 Entry points call `skip_if_done(run_dir, cfg)` first and `mark_done(run_dir, cfg, outputs)` last.
@@ -30,13 +30,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from negagent import config
+from negagent import config, rundir
 from negagent.errors import NegagentError
 from negagent.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "done.json"
 STATUS_FILE = "sweep.json"
 # Keys that do not change a result: where things are kept, how it is logged, what is printed.
 VOLATILE_PATHS: tuple[str, ...] = ("hydra", "logger", "data.preview")
@@ -73,15 +72,6 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_done(run_dir: str | Path) -> dict[str, Any] | None:
-    """The done record of a run directory, or None (absent or unreadable: treated as unfinished)."""
-    try:
-        record = json.loads((Path(run_dir) / DONE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and "config_hash" in record else None
-
-
 def _digest(cfg_or_hash: DictConfig | Mapping[str, Any] | str) -> str:
     return cfg_or_hash if isinstance(cfg_or_hash, str) else config_hash(cfg_or_hash)
 
@@ -93,12 +83,12 @@ def finished(run_dir: str | Path, cfg_or_hash: DictConfig | Mapping[str, Any] | 
     overwrite that result.
     """
     digest = _digest(cfg_or_hash)
-    record = read_done(run_dir)
+    record = rundir.read_finished(run_dir)
     if record is None:
         return False
     if record["config_hash"] != digest:
         raise NegagentError(
-            f"{Path(run_dir)} holds a finished run of a different config ({DONE_FILE}: {record['config_hash']}, "
+            f"{Path(run_dir)} holds a finished run of a different config ({rundir.FINISHED}: {record['config_hash']}, "
             f"this run: {digest}); choose another output directory or remove that one")
     return all((Path(run_dir) / name).exists() for name in record.get("outputs", []))
 
@@ -126,19 +116,18 @@ def mark_done(run_dir: str | Path, cfg_or_hash: DictConfig | Mapping[str, Any] |
     missing = [name for name in names if not (run_dir / name).exists()]
     if missing:
         raise NegagentError(f"cannot mark {run_dir} done: {', '.join(missing)} missing")
-    previous = read_done(run_dir)
+    previous = rundir.read_finished(run_dir)
     if previous and previous["config_hash"] == digest:
         names = sorted(set(previous.get("outputs", [])) | set(names))
     record = {"config_hash": digest, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "outputs": names, "attempt": attempt or (previous or {}).get("attempt")}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return write_json_atomic(run_dir / DONE_FILE, record)
+    return rundir.write_finished(run_dir, record)
 
 
 # --------------------------------------------------------------------------- members of a Hydra sweep
 
 @dataclass
-class Member:
+class SweepMember:
     """One sweep member: what it runs, where, and how it went."""
 
     index: int
@@ -178,7 +167,7 @@ def member_hash(sweep_config: DictConfig, run_dir: str) -> str:
         HydraConfig.instance().cfg = saved
 
 
-def write_status(sweep_dir: str | Path, members: Iterable[Member]) -> Path:
+def write_status(sweep_dir: str | Path, members: Iterable[SweepMember]) -> Path:
     """Write `<sweep dir>/sweep.json`: every member with its status, run dir, job id, logs, error."""
     records = sorted((asdict(m) for m in members), key=lambda r: r["index"])
     return write_json_atomic(Path(sweep_dir) / STATUS_FILE, {"sweep_dir": str(sweep_dir), "members": records})
@@ -201,9 +190,9 @@ def last_error_line(*paths: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- checks before submission
 
-def check_distinct_dirs(members: Sequence[Member]) -> None:
+def check_distinct_dirs(members: Sequence[SweepMember]) -> None:
     """Two members writing to one run directory would overwrite each other."""
-    seen: dict[str, Member] = {}
+    seen: dict[str, SweepMember] = {}
     for member in members:
         other = seen.setdefault(member.run_dir, member)
         if other is not member:
@@ -329,7 +318,7 @@ def show_sweep_config(argv: Sequence[str], conf_dir: str | Path, config_name: st
             with open_dict(config.hydra):
                 config.hydra.job.num = index
                 config.hydra.runtime.output_dir = member_dir(config)
-        check_distinct_dirs([Member(i, m, c.hydra.runtime.output_dir, "") for i, (m, c) in enumerate(zip(members, configs))])
+        check_distinct_dirs([SweepMember(i, m, c.hydra.runtime.output_dir, "") for i, (m, c) in enumerate(zip(members, configs))])
 
         def dump(config: DictConfig, keep: str) -> str:
             HydraConfig.instance().set_config(config)  # for ${hydra:...} interpolations, as Hydra's --cfg does

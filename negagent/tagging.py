@@ -9,7 +9,8 @@ Strategies (`tagging.strategy`):
 - `none`: NUT, negatives mixed in with no tag.
 - `positive_only`: negatives dropped.
 At inference the prompt always carries the positive tag (the top grade), or none for `none` and
-`positive_only`.
+`positive_only`; `tag_modes` gives the tags an evaluation can switch between (success, failure,
+none), so every rule about which tag goes where lives here.
 
 Mixing is seeded and nested: each pool is shuffled once with the seed and the first `pos_num` /
 `neg_num` are taken, so a smaller draw is always inside a larger one.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,6 +28,11 @@ from negagent.errors import NegagentError
 from negagent.trajectory import Trajectory
 
 STRATEGIES = ("prefix", "suffix", "graded", "none", "positive_only")
+TAG_MODES = ("positive", "negative", "none")
+# Which episodes of a question are kept: every one, or one positive (and every negative), as the
+# paper's protocol does. `protocol.keep` applies it while collecting, `tagging.keep` when training
+# from a file that holds every episode; both take these names.
+KEEP_RULES = ("all", "one_positive")  # evaluate under the success tag, the failure tag, or none
 
 
 def _strategy(cfg: Mapping[str, Any]) -> str:
@@ -70,6 +75,35 @@ def inference_tag(cfg: Mapping[str, Any]) -> str | None:
     return cfg["positive"]
 
 
+def failure_tag(cfg: Mapping[str, Any]) -> str | None:
+    """The tag the strategy trained failures with (the lowest grade for graded tags); None untagged."""
+    strategy = _strategy(cfg)
+    if strategy == "graded":
+        return list(cfg["grade_tags"])[0]
+    if strategy in ("prefix", "suffix"):
+        return cfg.get("negative")
+    return None
+
+
+def tag_modes(mode: str, cfg: Mapping[str, Any]) -> dict[str, str | None]:
+    """The tags to evaluate under: {"positive": tag, "negative": tag, "none": None} as `mode` asks
+    (`mode` is one of TAG_MODES or "all").
+
+    "positive" is the tag the strategy asks for success with (the inference tag), "negative" the
+    one it trained failures with. Untagged strategies (NUT, positive-only) have only "none"; `all`
+    then evaluates that one.
+    """
+    if mode not in (*TAG_MODES, "all"):
+        raise NegagentError(f"tag_mode={mode!r}: choose one of: {', '.join((*TAG_MODES, 'all'))}")
+    positive = inference_tag(cfg)
+    if positive is None:  # an untagged strategy: there is nothing to switch on or off
+        if mode == "negative":
+            raise NegagentError(f"tag_mode=negative: tagging strategy '{cfg['strategy']}' trains without tags")
+        return {"none": None} if mode in ("all", "none") else {"positive": None}
+    available = {"positive": positive, "negative": failure_tag(cfg), "none": None}
+    return dict(available) if mode == "all" else {mode: available[mode]}
+
+
 def select(trajectories: Sequence[Trajectory], cfg: Mapping[str, Any]) -> list[Trajectory]:
     """The trajectories the strategy trains on, after seeded nested mixing."""
     strategy = _strategy(cfg)
@@ -78,7 +112,10 @@ def select(trajectories: Sequence[Trajectory], cfg: Mapping[str, Any]) -> list[T
     negatives = [t for t in trajectories if not t.reward]
     rng_pos.shuffle(positives)
     rng_neg.shuffle(negatives)
-    if cfg.get("one_positive_per_question"):
+    keep = cfg.get("keep") or "all"
+    if keep not in KEEP_RULES:
+        raise NegagentError(f"tagging.keep={keep!r}: choose one of: {', '.join(KEEP_RULES)}")
+    if keep == "one_positive":
         seen: set[str] = set()
         positives = [t for t in positives if not (t.question_id in seen or seen.add(t.question_id))]
     pos_num, neg_num = cfg.get("pos_num"), cfg.get("neg_num")
@@ -113,30 +150,3 @@ def tag_samples(trajectories: Sequence[Trajectory], cfg: Mapping[str, Any]) -> l
 def tag_counts(samples: Iterable[TaggedSample]) -> dict[str, int]:
     """How many samples carry each tag ('<none>' for untagged), for the run manifest."""
     return dict(Counter(s.tag if s.tag is not None else "<none>" for s in samples))
-
-
-def _normalize_question(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
-
-
-@dataclass
-class Overlap:
-    """Train trajectories whose question also appears in a test set (by normalized text)."""
-
-    questions: int  # distinct test questions also in train
-    test_size: int
-    trajectories: int  # train trajectories on those questions
-
-
-def find_overlap(trajectories: Sequence[Trajectory], test_questions: Iterable[str]) -> tuple[Overlap, set[str]]:
-    """Count train/test overlap; returns the counts and the normalized overlapping questions."""
-    test = {_normalize_question(q) for q in test_questions}
-    train = {_normalize_question(t.question) for t in trajectories}
-    shared = test & train
-    n_traj = sum(1 for t in trajectories if _normalize_question(t.question) in shared)
-    return Overlap(len(shared), len(test), n_traj), shared
-
-
-def drop_overlap(trajectories: Sequence[Trajectory], shared: set[str]) -> list[Trajectory]:
-    """The trajectories whose question is not among `shared` (from `find_overlap`)."""
-    return [t for t in trajectories if _normalize_question(t.question) not in shared]

@@ -48,7 +48,7 @@ MODULES = {
     "render": ("negagent/render.py", ["tests/test_render.py"]),
     "agent": ("negagent/agent.py", ["tests/test_agent.py"]),
     "hf_backend": ("negagent/backends/hf.py", ["tests/test_hf_backend.py"]),
-    "batching": ("negagent/batching.py", ["tests/test_training_batching.py"]),
+    "batching": ("negagent/training/batching.py", ["tests/test_training_batching.py"]),
 }
 
 # Surviving mutants that behave exactly like the original, by mutant name: why no test can tell them apart.
@@ -75,29 +75,6 @@ EQUIVALENT: dict[str, str] = {
     "negagent.backends.hf.xǁ_StopStringsǁ__call____mutmut_12": "device=None: equivalent on CPU (killed on CUDA)",
     "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_29": "device=None: equivalent on CPU (killed on CUDA)",
     "negagent.backends.hf.xǁHFBackendǁ_shared_prefix__mutmut_31": "device dropped: equivalent on CPU (killed on CUDA)",
-    "negagent.render.xǁRendererǁ_template__mutmut_11": "tokenize=None: apply_chat_template treats None as false",
-    "negagent.render.xǁRendererǁtraining__mutmut_3": "generation_prompt=None: templates test it for truthiness",
-    "negagent.render.xǁRendererǁ_spans__mutmut_40": "eot <= 0: the search starts after a non-empty prompt, so eot is -1 or >= 1",
-    "negagent.render.xǁRendererǁ_spans__mutmut_41": "eot < 1: the search starts after a non-empty prompt, so eot is -1 or >= 1",
-    "negagent.render.xǁRendererǁ_pieces_to_ids__mutmut_4": "differs only for an empty piece, and encoding '' gives []",
-    "negagent.render.xǁRendererǁ_pieces_to_ids__mutmut_10": "differs only for an empty piece, and encoding '' gives []",
-    "negagent.render.xǁRendererǁtraining__mutmut_46": "next()'s default is unreachable: neither id list can be a strict prefix",
-    "negagent.render.xǁRendererǁtraining__mutmut_48": "next()'s default is unreachable: neither id list can be a strict prefix",
-    "negagent.render.xǁRendererǁtraining__mutmut_65": "a defensive check that cannot fire: every span ends with the end-of-turn it was found by",
-    "negagent.render.xǁRendererǁdebug_view__mutmut_3": "the first token overwrites the initial flag before any run is flushed",
-    "negagent.render.xǁRendererǁdebug_view__mutmut_4": "the first token overwrites the initial flag before any run is flushed",
-    "negagent.batching.x_collate__mutmut_14": "torch.tensor of Python ints is int64 already",
-    "negagent.batching.x_collate__mutmut_16": "torch.tensor of Python ints is int64 already",
-    "negagent.batching.x_collate__mutmut_46": "torch.full with an int fill value is int64 already",
-    "negagent.batching.x_collate__mutmut_49": "torch.full with an int fill value is int64 already",
-    "negagent.batching.x_collate__mutmut_62": "torch.full with an int fill value is int64 already",
-    "negagent.batching.x_collate__mutmut_65": "torch.full with an int fill value is int64 already",
-    "negagent.batching.x_collate__mutmut_35": "float lists and torch.zeros default to float32",
-    "negagent.batching.x_collate__mutmut_37": "float lists and torch.zeros default to float32",
-    "negagent.batching.x_collate__mutmut_70": "float lists and torch.zeros default to float32",
-    "negagent.batching.x_collate__mutmut_72": "float lists and torch.zeros default to float32",
-    "negagent.batching.xǁMicroBatchesǁ__init____mutmut_8": "the fail-early collate's result is thrown away; its errors do not depend on the layout",
-    "negagent.batching.xǁMicroBatchesǁ__init____mutmut_17": "the fail-early collate's result is thrown away",
 }
 
 KILLED = {"killed", "timeout", "caught by type check"}

@@ -40,6 +40,7 @@ class FakeTask:
     name = "fake"
     tools = ("calculate", "search")
     instructions = "Solve it."
+    max_turns = 4
 
     def score(self, pred, gold):
         return {"reward": pred == gold, "f1": 0.5 if pred else 0.0, "em": pred == gold}
@@ -222,11 +223,11 @@ def test_chats_carry_tag_placement_and_instructions_role(kwargs, first_chat):
     assert second[0] == build_chat("Solve it.", "q0", second[0][len(first_chat):], **kwargs)
 
 
-def test_max_turns_default_is_seven():
-    """An episode that never finishes stops after seven turns by default, as max_steps."""
+def test_max_turns_defaults_to_the_tasks_limit():
+    """An episode that never finishes stops after the task's `max_turns` by default, as max_steps."""
     backend = ReplayBackend({"q0": ["Action: calculate[1+1]"] * 8})
     [traj] = run_episodes(backend, FakeTask(), [(Question("0", "q0", "2"), 0)], calc_tool, sampling=Sampling())
-    assert (len(backend.calls), traj.stats["turns"], traj.failure, len(traj.messages)) == (7, 7, "max_steps", 13)
+    assert (len(backend.calls), traj.stats["turns"], traj.failure, len(traj.messages)) == (4, 4, "max_steps", 7)
 
 
 def test_all_finished_before_the_limit_stops_calling_the_backend():

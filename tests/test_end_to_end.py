@@ -176,7 +176,7 @@ def test_suffix_tag_and_user_instructions_reach_the_evaluation_prompt(full_suffi
     """With tagging=suffix and render.instructions_role=user, the evaluation of the run directory asks
     with the success tag after the question, inside the one user turn that also holds the
     instructions, and its prompt is token for token the training sample's prompt for that question."""
-    from negagent.data import prepare
+    from negagent.training.data import prepare
     from negagent.models import load_tokenizer
     from negagent.render import IGNORE, Renderer
 
@@ -189,6 +189,7 @@ def test_suffix_tag_and_user_instructions_reach_the_evaluation_prompt(full_suffi
     backend = RecordingBackend()
     metrics = _evaluate_with(full_suffix_run, tmp_path / "eval", backend)
     assert metrics["results"]["positive"]["tag"] == tag
+    assert metrics["instructions_role"] == "user" and "instructions_role=user" in metrics["setup"]
     chat = backend.chats[0]
     assert chat == [{"role": "user", "content": f"{task.instructions}\n\nQuestion: {question.question}\n{tag}"}]
 
@@ -211,7 +212,7 @@ def _evaluate_with(run_dir: Path, out_dir: Path, backend) -> dict:
     """evaluate.py's defaults on `run_dir` (its frozen config decides model, tags and rendering), one question."""
     from omegaconf import OmegaConf
 
-    from negagent.evaluation import default_config, evaluate
+    from negagent.evaluation.evaluator import default_config, evaluate
 
     cfg = OmegaConf.merge(default_config(), {"run_dir": str(run_dir), "task": {"limit_test": 1}, "progress": False,
                                              "max_turns": 1})
@@ -224,7 +225,7 @@ def test_full_model_run_is_evaluated_from_its_run_directory(full_suffix_run):
     import torch
     from safetensors.torch import load_file
 
-    from negagent.evaluated_model import from_run_dir, load_causal_lm, load_tokenizer_for
+    from negagent.model_source import from_run_dir, load_causal_lm, load_tokenizer_for
     from negagent.models import load_model
 
     run = full_suffix_run

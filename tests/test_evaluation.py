@@ -19,8 +19,10 @@ from omegaconf import OmegaConf
 
 import negagent
 from negagent.errors import NegagentError
-from negagent.evaluation import (_task_cfg, default_config, evaluate, evaluate_run, question_scores, score, summarize,
-                                 tag_modes)
+from negagent.evaluation.evaluator import _task_cfg, default_config, evaluate, evaluate_run, score
+from negagent.metrics import question_scores
+from negagent.metrics import summarize
+from negagent.tagging import tag_modes
 from negagent.metrics import mean_ci, paired_comparison, pass_at_k, pass_at_ks
 from negagent.tasks import get_task
 from tests.helpers import TINY_MODEL, assert_one_line_error, make_traj
@@ -261,7 +263,7 @@ def test_summarize_question_level_statistics():
                         turns=turns, metrics={"numeric": reward, "strict": strict, "pred_len": 3})
     records = [ep(1, 0, True, False, 2, 1, 0, 3), ep(1, 1, False, False, 1, 0, 1, 1),
                ep(2, 0, True, True, 1, 0, 0, 2), ep(2, 1, True, True, 1, 0, 0, 2)]
-    out = summarize(records, None, {"positive": "tag"}, {"a": []}, pass_k=[1, 2], resamples=200)
+    out = summarize(records, {"positive": "tag"}, {"a": []}, pass_k=[1, 2], resamples=200)
     stats = out["results"]["positive"]["test_sets"]["a"]
     assert stats == {
         "n_questions": 2, "n_episodes": 4,
@@ -295,7 +297,7 @@ def test_summarize_averages_test_sets_and_pairs_tags_per_set():
         _episode(3, "b", True, mode="negative"), _episode(4, "b", True, mode="negative"),
         _episode(5, "b", False, mode="negative"),
     ]
-    out = summarize(records, None, {"positive": "+", "negative": "-"}, {"a": [], "b": []}, resamples=200)
+    out = summarize(records, {"positive": "+", "negative": "-"}, {"a": [], "b": []}, resamples=200)
     assert out["primary"] == "positive"
     assert out["results"]["positive"]["average"] == {"mean_steps": 0.0, "reward": (1.0 + 1 / 3) / 2}
     assert out["results"]["negative"]["average"] == {"mean_steps": 0.0, "reward": (0.0 + 2 / 3) / 2}
@@ -364,7 +366,7 @@ def test_chunks_are_seeded_from_the_seed_and_their_start(tmp_path):
 def test_setup_names_the_instructions_role_that_ran(tmp_path, monkeypatch):
     """A run's own render settings win over the evaluation config's, in the prompt and in the setup:
     the same directory evaluated with the other role is another setup."""
-    from negagent.evaluated_model import base_model
+    from negagent.model_source import base_model
 
     class Roles(AnswerBackend):
         def complete(self, chats, sampling):
@@ -373,7 +375,7 @@ def test_setup_names_the_instructions_role_that_ran(tmp_path, monkeypatch):
 
     task = get_task({"name": "arith", "n_test": 6})
     trained = base_model(TINY_MODEL, {"strategy": "none"}, {"instructions_role": "user"})
-    monkeypatch.setattr("negagent.evaluation._subject", lambda cfg: trained)
+    monkeypatch.setattr("negagent.evaluation.evaluator._subject", lambda cfg: trained)
     backend = Roles(task)
     metrics = evaluate(_cfg(render={"instructions_role": "system"}), tmp_path, backend=backend)
     assert backend.roles == ["user"] and metrics["setup"].endswith(" max_turns=3 instructions_role=user")
@@ -459,7 +461,7 @@ def test_run_dir_with_adapter_and_tag_sensitivity(tmp_path):
     """A training run directory is evaluated with its LoRA adapter merged, under every tag."""
     import torch
 
-    from negagent.evaluated_model import from_run_dir, load_causal_lm, load_tokenizer_for
+    from negagent.model_source import from_run_dir, load_causal_lm, load_tokenizer_for
     from negagent.models import load_model
 
     run = _make_run_dir(tmp_path, {"name": "arith", "n_test": 3, "max_turns": 2}, {})
@@ -486,7 +488,7 @@ def test_run_dir_with_adapter_and_tag_sensitivity(tmp_path):
 
 def test_bad_run_dirs(tmp_path):
     """A run directory without a trained model, or none at all, is a user error."""
-    from negagent.evaluated_model import from_run_dir
+    from negagent.model_source import from_run_dir
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -68,7 +68,7 @@ def run_dir(tmp_path_factory) -> Path:
     """
     from peft import LoraConfig, get_peft_model
 
-    from negagent.evaluation import default_config, evaluate
+    from negagent.evaluation.evaluator import default_config, evaluate
     from negagent.models import load_model
     from negagent.tasks import get_task
 
@@ -140,7 +140,7 @@ def test_merged_export_computes_negagent_in_memory_merge(run_dir, exported, rend
     adapter (evaluated_model.load_causal_lm), and differ from the base model's: the adapter is in."""
     from transformers import AutoModelForCausalLM
 
-    from negagent.evaluated_model import from_run_dir, load_causal_lm, load_tokenizer_for
+    from negagent.model_source import from_run_dir, load_causal_lm, load_tokenizer_for
     from negagent.models import load_model
 
     out, _ = exported

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from negagent.agent import Sampling, run_episodes
 from negagent.backends.scripted import FAILURES, ScriptedTeacher
 from negagent.config import CONF_DIR
-from negagent.generation import collect
+from negagent.collection.collect import collect
 from negagent.render import build_chat
 from negagent.tasks import get_task
 from negagent.tools import calculate
@@ -58,7 +58,7 @@ def by_id(path: Path) -> dict[str, list[dict]]:
 
 def test_smoke_cli_writes_positives_and_negatives_and_resumes(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("debug=smoke", "task=arith", "teacher=scripted", f"hydra.run.dir={out}")
+    result = run_cli("debug=smoke", "task=arith", "backend@teacher=scripted", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     # The scripted teacher is seeded: the same 48 episodes (16 questions x the paper's 3 samples) every time.
     stats = json.loads((out / "stats.json").read_text())
@@ -83,7 +83,7 @@ def test_smoke_cli_writes_positives_and_negatives_and_resumes(tmp_path):
         f"trajectories: {out / 'trajectories.jsonl'}",
     ]
     before = (out / "episodes.jsonl").read_bytes()
-    again = run_cli("debug=smoke", "task=arith", "teacher=scripted", f"hydra.run.dir={out}")
+    again = run_cli("debug=smoke", "task=arith", "backend@teacher=scripted", f"hydra.run.dir={out}")
     assert again.returncode == 0 and (out / "episodes.jsonl").read_bytes() == before
     this_run = json.loads((out / "stats.json").read_text())["this_run"]
     assert (this_run["collected"], this_run["already_there"]) == (0, 48)
@@ -233,7 +233,7 @@ def test_kill_9_and_resume_collects_every_question_sample_exactly_once(tmp_path)
     with ChatEndpoint(teacher) as endpoint:
         collect(openai_cfg(endpoint.base_url) | {"task": task_cfg}, tmp_path / "reference")
         full_run = endpoint.calls  # the requests of an uninterrupted run, its preflight probe included
-        args = ["task=arith", "task.n_train=16", "teacher=openai", f"teacher.base_url={endpoint.base_url}",
+        args = ["task=arith", "task.n_train=16", "backend@teacher=openai", f"teacher.base_url={endpoint.base_url}",
                 "teacher.model=scripted", "teacher.api_key_env=null", "teacher.concurrency=4",
                 f"hydra.run.dir={out}"]
         rng = random.Random(KILL_SEED)
@@ -284,7 +284,7 @@ def test_kill_9_and_resume_collects_every_question_sample_exactly_once(tmp_path)
 def test_no_key_in_the_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NEGAGENT_TEST_UNSET_KEY"}
     result = subprocess.run(
-        [sys.executable, "generate.py", "teacher=openai", "teacher.model=m",
+        [sys.executable, "generate.py", "backend@teacher=openai", "teacher.model=m",
          "teacher.api_key_env=NEGAGENT_TEST_UNSET_KEY", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert_one_line_error(result, "NEGAGENT_TEST_UNSET_KEY is not set")
@@ -292,7 +292,7 @@ def test_no_key_in_the_environment(tmp_path):
 
 
 def test_unreachable_base_url(tmp_path):
-    result = run_cli("teacher=openai", "teacher.model=m", "teacher.api_key_env=null", "teacher.backoff_s=0.1",
+    result = run_cli("backend@teacher=openai", "teacher.model=m", "teacher.api_key_env=null", "teacher.backoff_s=0.1",
                      f"teacher.base_url=http://127.0.0.1:{free_port()}/v1", f"hydra.run.dir={tmp_path}")
     assert_one_line_error(result, "cannot reach the server", "teacher.base_url")
     assert not (tmp_path / "episodes.jsonl").exists()
@@ -304,7 +304,7 @@ def test_unreachable_base_url(tmp_path):
 ])
 def test_malformed_server_answers(tmp_path, raw, needle):
     with ChatEndpoint(None, raw=raw) as endpoint:
-        result = run_cli("teacher=openai", "teacher.model=scripted", "teacher.api_key_env=null",
+        result = run_cli("backend@teacher=openai", "teacher.model=scripted", "teacher.api_key_env=null",
                          f"teacher.base_url={endpoint.base_url}", f"hydra.run.dir={tmp_path}")
     assert_one_line_error(result, needle)
 
@@ -315,10 +315,10 @@ def test_unknown_model_and_foreign_directory_lose_nothing(tmp_path):
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix == ".jsonl"}
     teacher = ScriptedTeacher(get_task(ARITH), {})
     with ChatEndpoint(teacher) as endpoint:
-        unknown = run_cli("teacher=openai", "teacher.model=gpt-nonexistent", "teacher.api_key_env=null",
+        unknown = run_cli("backend@teacher=openai", "teacher.model=gpt-nonexistent", "teacher.api_key_env=null",
                           f"teacher.base_url={endpoint.base_url}", f"hydra.run.dir={tmp_path / 'other'}")
         assert_one_line_error(unknown, "does not serve this model", "gpt-nonexistent")
-        other_teacher = run_cli("debug=smoke", "teacher=openai", "teacher.model=scripted", "teacher.api_key_env=null",
+        other_teacher = run_cli("debug=smoke", "backend@teacher=openai", "teacher.model=scripted", "teacher.api_key_env=null",
                                 f"teacher.base_url={endpoint.base_url}", f"hydra.run.dir={out}")
     assert_one_line_error(other_teacher, "teacher='scripted'", "hydra.run.dir")
     other_task = run_cli("debug=smoke", "task=math", f"hydra.run.dir={out}")
@@ -326,10 +326,10 @@ def test_unknown_model_and_foreign_directory_lose_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix == ".jsonl"} == files
 
 
-@pytest.mark.parametrize("teacher", sorted(p.stem for p in (CONF_DIR / "teacher").glob("*.yaml")))
+@pytest.mark.parametrize("teacher", sorted(p.stem for p in (CONF_DIR / "backend").glob("*.yaml")))
 @pytest.mark.parametrize("protocol", sorted(p.stem for p in (CONF_DIR / "protocol").glob("*.yaml")))
 def test_generate_config_composes_with_every_teacher_and_protocol(teacher, protocol):
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("generate", overrides=[f"teacher={teacher}", f"protocol={protocol}", "debug=smoke"])
+        cfg = compose("generate", overrides=[f"backend@teacher={teacher}", f"protocol={protocol}", "debug=smoke"])
     assert cfg.teacher.name == teacher and cfg.protocol.temperatures == [0.2, 0.5, 0.7]
     assert cfg.task.limit_train == 16 and cfg.model.name == "tiny"

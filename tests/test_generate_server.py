@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from negagent.generation import collect
+from negagent.collection.collect import collect
 from negagent.trajectory import load_trajectories
 from tests.helpers import TINY_MODEL, assert_one_line_error
 from tests.servers import FaultProxy, save_model_dir, transformers_serve
@@ -31,7 +31,7 @@ def served(tmp_path_factory):
 def test_collects_from_transformers_serve_and_no_key_lands_on_disk(served, tmp_path):
     base_url, model = served
     out = tmp_path / "run"
-    args = ["task=arith", "task.limit_train=2", "task.max_turns=2", "protocol=paper", "teacher=openai",
+    args = ["task=arith", "task.limit_train=2", "task.max_turns=2", "protocol=paper", "backend@teacher=openai",
             f"teacher.base_url={base_url}", f"teacher.model={model}", "teacher.api_key_env=NEGAGENT_CANARY_KEY",
             "generation.max_new_tokens=16", f"hydra.run.dir={out}"]
     result = subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
@@ -90,7 +90,7 @@ def test_fault_proxy_in_front_of_transformers_serve(served, tmp_path):
 def test_model_the_server_does_not_know(served, tmp_path):
     base_url, _ = served
     result = subprocess.run(
-        [sys.executable, "generate.py", "teacher=openai", f"teacher.base_url={base_url}", "teacher.model=no-such-model",
+        [sys.executable, "generate.py", "backend@teacher=openai", f"teacher.base_url={base_url}", "teacher.model=no-such-model",
          "teacher.api_key_env=null", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert_one_line_error(result, "does not serve this model", "no-such-model")

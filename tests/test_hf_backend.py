@@ -97,7 +97,7 @@ def test_batched_generation_equals_one_at_a_time(model, renderer, ref_texts, bat
     assert (backend._prefix is not None) == prefix_cache
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # deselected by default; python -m pytest -m gpu on a GPU machine
 @pytest.mark.parametrize("prefix_cache", [False, True])
 def test_batched_generation_on_cuda_equals_one_at_a_time(model, renderer, tokenizer, prompts, prefix_cache):
     """On a GPU (inputs, cache and stop checks on the model's device) batches give the greedy text

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from negagent import tagging
-from negagent.data import render_samples
+from negagent.training.data import render_samples
 from negagent.errors import NegagentError
 from negagent.importers import from_nat, read_question_file
 from negagent.render import IGNORE, RenderedSample, Renderer, build_chat

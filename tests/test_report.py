@@ -17,12 +17,14 @@ from matplotlib.collections import PathCollection
 from omegaconf import OmegaConf
 from PIL import Image
 
-from negagent import report, strategy_table
-from negagent.baseline import _cell, comparison_rows, evaluate_base, print_comparison
+from negagent.report import runs as report
+from negagent.report import strategy_table
+from negagent.metrics import format_ci
+from negagent.evaluation.baseline import comparison_rows, evaluate_base, print_comparison
 from negagent.evaluation import evaluate
 from negagent.metrics import mean_ci, paired_comparison
-from negagent.report import Member, columns, find_members, load_member
-from negagent.strategy_table import StrategyRow, summarize
+from negagent.report.runs import RunResult, columns, find_members, load_member
+from negagent.report.strategy_table import StrategyRow, summarize
 from negagent.tasks import get_task
 from tests.helpers import TINY_MODEL, assert_one_line_error
 from tests.test_evaluation import AnswerBackend, TagBackend, _cfg
@@ -249,8 +251,8 @@ def test_columns_flatten_the_primary_tag_of_a_metrics_file():
         "average.numeric": {"mean": 0.5}, "average.strict": {"mean": 0.25},
         "action_error_rate": {"mean": 0.125}, "mean_steps": {"mean": 3.0}, "control_strength": {"mean": 0.2},
     }
-    member = Member(Path("run"), metrics=metrics)
-    assert report.headline_columns([member, Member(Path("missing"))]) == ["gsm8k.numeric", "svamp.numeric", "average.numeric"]
+    member = RunResult(Path("run"), metrics=metrics)
+    assert report.headline_columns([member, RunResult(Path("missing"))]) == ["gsm8k.numeric", "svamp.numeric", "average.numeric"]
     untagged = {"results": {"none": {"test_sets": {"x": {"reward": {"mean": 1.0}, "acc": {"mean": 1.0}}}}},
                 "control_strength": {"mean": None}}
     assert columns(untagged) == {"x.acc": {"mean": 1.0}}  # the first mode is primary when none is named
@@ -260,13 +262,13 @@ def test_plot_pools_seeds_at_one_point(tmp_path, saved_figures):
     """Seeds of one strategy at one number of negatives are one point: their mean, whiskers at the
     lowest and highest seed; runs without that column or without a number of negatives are left out."""
     def member(strategy, neg, seed, mean, **extra):
-        return Member(Path(f"{strategy}{neg}{seed}"), strategy=strategy, neg_num=neg, seed=seed,
+        return RunResult(Path(f"{strategy}{neg}{seed}"), strategy=strategy, neg_num=neg, seed=seed,
                       values={"x.acc": {"mean": mean, **extra}})
 
     members = [member("prefix", 10, 0, 0.5), member("prefix", 10, 1, 0.7), member("prefix", 10, 2, 0.6, lo=0, hi=1),
                member("none", 0, 0, 0.2, lo=0.1, hi=0.4), member("none", None, 0, 0.9),
-               Member(Path("used"), strategy="none", negatives_used=20, values={"x.acc": {"mean": 0.3}}),
-               Member(Path("blank"), strategy="none", neg_num=30, values={"x.acc": {"mean": None}})]
+               RunResult(Path("used"), strategy="none", negatives_used=20, values={"x.acc": {"mean": 0.3}}),
+               RunResult(Path("blank"), strategy="none", neg_num=30, values={"x.acc": {"mean": None}})]
     path = report.plot(members, "x.acc", tmp_path)
     assert path == tmp_path / "plot_x.acc.png" and path.is_file()
     lines = {label: _rounded(points) for label, points in _errorbar_lines(saved_figures[0].axes[0]).items()}
@@ -389,7 +391,7 @@ def test_strategy_table_cells():
 def test_baseline_cells(stat, percent, cell):
     """A cell of the base-vs-trained table: a fraction in percent (steps as they are), the interval
     when both ends are known, '-' without a mean."""
-    assert _cell(stat, percent=percent) == cell
+    assert format_ci(stat, scale=100.0 if percent else 1.0) == cell
 
 
 def _metrics(primary: str, reward: float, steps: float) -> dict:

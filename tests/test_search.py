@@ -220,7 +220,7 @@ KEY = "sk-test-DO-NOT-LEAK-4242"
 
 class _FakeSerper(BaseHTTPRequestHandler):
     received: list[tuple[str, str | None, dict]] = []
-    # "/slow" answers only once this is set (at the fixture's teardown): the client's timeout fires first.
+    # "/slow" answers only once this is set (at teardown): the client's timeout fires first, always.
     release = threading.Event()
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -257,7 +257,6 @@ class _FakeSerper(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def fake_serper() -> Iterator[str]:
-    _FakeSerper.release = threading.Event()  # a fresh one: a previous session in this process set its own
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSerper)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from negagent.sweep import STATUS_FILE, read_done
+from negagent.rundir import read_finished
+from negagent.sweep import STATUS_FILE
 from negagent.trajectory import write_trajectories
 from tests.helpers import assert_one_line_error, make_traj
 
@@ -74,10 +75,10 @@ def check_members(sweep_dir: Path, by: str, expected: dict[str, str]) -> dict[st
             assert (manifest["task"], manifest["strategy"], manifest["trajectories"], manifest["available"]) == (
                 "arith", overrides["tagging"], overrides["data.trajectories"], GOOD_COUNTS), key
             assert json.loads((run_dir / "eval" / "metrics.json").read_text())["task"] == "arith", key
-            assert read_done(run_dir)["config_hash"] == member["config_hash"]
+            assert read_finished(run_dir)["config_hash"] == member["config_hash"]
         else:
             assert member["error"] in Path(member["log_err"]).read_text().splitlines(), member
-            assert read_done(run_dir) is None
+            assert read_finished(run_dir) is None
     return members
 
 
@@ -178,5 +179,5 @@ def test_one_task_per_gpu_gives_each_task_its_rank(slurm, tmp_path):
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in ranks] == [("0", "0", "2"), ("1", "1", "2")]
     assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
-    done_record = read_done(run_dir)  # written once, by the launcher's rank-0 wrapper, for the job's first attempt
+    done_record = read_finished(run_dir)  # written once, by the launcher's rank-0 wrapper, for the job's first attempt
     assert done_record["outputs"] == [] and done_record["attempt"].endswith(":0"), done_record

@@ -16,8 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from negagent.errors import NegagentError
-from negagent.sweep import (Member, check_distinct_dirs, check_partition, check_sbatch, config_hash, finished, identity,
-                            last_error_line, mark_done, member_dir, queued_job_ids, read_done, show_sweep_config,
+from negagent.rundir import read_finished
+from negagent.sweep import (SweepMember, check_distinct_dirs, check_partition, check_sbatch, config_hash, finished, identity,
+                            last_error_line, mark_done, member_dir, queued_job_ids, show_sweep_config,
                             skip_if_done, slurm_partitions, write_status)
 from tests.helpers import assert_one_line_error
 
@@ -78,16 +79,16 @@ def test_done_marker_skip_and_rerun(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.json").write_text("{}")
     assert mark_done(run, CFG, outputs=["metrics.json"]) == run / "done.json"
-    record = read_done(run)
+    record = read_finished(run)
     assert datetime.fromisoformat(record.pop("finished_at")).tzinfo == timezone.utc
     assert record == {"config_hash": config_hash(CFG), "outputs": ["metrics.json"], "attempt": None}
     assert skip_if_done(run, CFG)
     assert capsys.readouterr().out == f"skip: {run} already finished (config {config_hash(CFG)})\n"
     (run / "log.txt").write_text("")
     mark_done(run, CFG, outputs=["log.txt"], attempt="123_0")  # the launcher's mark after the entry point's
-    assert (read_done(run)["outputs"], read_done(run)["attempt"]) == (["log.txt", "metrics.json"], "123_0")
+    assert (read_finished(run)["outputs"], read_finished(run)["attempt"]) == (["log.txt", "metrics.json"], "123_0")
     mark_done(run, CFG)  # a later mark keeps the outputs and the attempt
-    assert (read_done(run)["outputs"], read_done(run)["attempt"]) == (["log.txt", "metrics.json"], "123_0")
+    assert (read_finished(run)["outputs"], read_finished(run)["attempt"]) == (["log.txt", "metrics.json"], "123_0")
     (run / "metrics.json").unlink()  # a recorded result went missing: run again
     assert not finished(run, CFG)
     with pytest.raises(NegagentError) as info:
@@ -103,21 +104,21 @@ def test_finished_run_of_another_config_is_never_overwritten(tmp_path):
     assert str(info.value) == (f"{tmp_path} holds a finished run of a different config (done.json: {config_hash(CFG)}, "
                                f"this run: {config_hash(other)}); choose another output directory or remove that one")
     mark_done(tmp_path, other)  # marking with another config replaces the record, outputs and all
-    assert read_done(tmp_path)["config_hash"] == config_hash(other) and finished(tmp_path, other)
+    assert read_finished(tmp_path)["config_hash"] == config_hash(other) and finished(tmp_path, other)
 
 
 @pytest.mark.parametrize("content", ["{torn", "[1, 2]", '{"outputs": []}', ""])
 def test_unreadable_done_marker_means_unfinished(tmp_path, content):
     """A torn, foreign or hashless done.json is no finished run: the member runs again."""
     (tmp_path / "done.json").write_text(content)
-    assert read_done(tmp_path) is None and not finished(tmp_path, CFG)
+    assert read_finished(tmp_path) is None and not finished(tmp_path, CFG)
 
 
 def test_members_sharing_a_directory_are_refused():
-    members = [Member(0, ["tagging=prefix"], "/s/same", "a"), Member(1, ["tagging=none"], "/s/same", "b")]
+    members = [SweepMember(0, ["tagging=prefix"], "/s/same", "a"), SweepMember(1, ["tagging=none"], "/s/same", "b")]
     with pytest.raises(NegagentError, match=r"#0 \(tagging=prefix\) and #1 \(tagging=none\) would both write to /s/same"):
         check_distinct_dirs(members)
-    check_distinct_dirs([Member(0, [], "/s/a", "a"), Member(1, [], "/s/b", "a")])
+    check_distinct_dirs([SweepMember(0, [], "/s/a", "a"), SweepMember(1, [], "/s/b", "a")])
 
 
 @pytest.mark.parametrize("logs, line", [
@@ -143,8 +144,8 @@ def test_last_error_line_prefers_the_error(tmp_path, logs, line):
 
 def test_write_status_lists_every_member_in_order(tmp_path):
     """sweep.json: the sweep dir and every member, by index, with status, run dir, job and logs."""
-    members = [Member(1, ["seed=1"], "/s/1", "b", status="failed", job_id="7_1", log_err="/s/1.err", error="error: x"),
-               Member(0, ["seed=0"], "/s/0", "a", status="skipped")]
+    members = [SweepMember(1, ["seed=1"], "/s/1", "b", status="failed", job_id="7_1", log_err="/s/1.err", error="error: x"),
+               SweepMember(0, ["seed=0"], "/s/0", "a", status="skipped")]
     assert write_status(tmp_path, members) == tmp_path / "sweep.json"
     assert json.loads((tmp_path / "sweep.json").read_text()) == {"sweep_dir": str(tmp_path), "members": [
         {"index": 0, "overrides": ["seed=0"], "run_dir": "/s/0", "config_hash": "a", "status": "skipped", "job_id": None,
@@ -155,8 +156,8 @@ def test_write_status_lists_every_member_in_order(tmp_path):
 
 def test_member_label_and_dir():
     """A member is shown by its index and non-hydra overrides; its run dir is sweep dir / subdir."""
-    assert Member(3, ["hydra.job.num=3", "seed=1", "tagging=none"], "/r", "h").label == "#3 (seed=1 tagging=none)"
-    assert Member(0, [], "/r", "h").label == "#0 (no overrides)"
+    assert SweepMember(3, ["hydra.job.num=3", "seed=1", "tagging=none"], "/r", "h").label == "#3 (seed=1 tagging=none)"
+    assert SweepMember(0, [], "/r", "h").label == "#0 (no overrides)"
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": "multirun/x", "subdir": "seed=1"}}})
     assert member_dir(cfg) == os.path.abspath("multirun/x/seed=1")
 

@@ -3,11 +3,12 @@
 import pytest
 
 from negagent import tagging
+from negagent.training.data import drop_overlap, find_overlap
 from negagent.errors import NegagentError
 from tests.helpers import make_traj
 
 BASE = {"positive": "POS", "negative": "NEG", "seed": 0, "pos_num": None, "neg_num": None,
-        "one_positive_per_question": False, "placement": "prefix",
+        "keep": "all", "placement": "prefix",
         "grade_cuts": [0.4], "grade_tags": ["G0", "G1", "G2", "G3"]}
 
 
@@ -177,7 +178,7 @@ def test_one_positive_per_question():
     trajs = _multi_sample_pool()
     kept: dict[str, set[str]] = {f"q{q}": set() for q in range(6)}
     for seed in range(10):
-        chosen = tagging.select(trajs, cfg("prefix", seed=seed, one_positive_per_question=True))
+        chosen = tagging.select(trajs, cfg("prefix", seed=seed, keep="one_positive"))
         positives = [t for t in chosen if t.reward]
         assert sorted(t.question_id for t in positives) == [f"q{q}" for q in range(6)]
         assert sorted(ids(t for t in chosen if not t.reward)) == sorted(ids(t for t in trajs if not t.reward))
@@ -191,7 +192,7 @@ def test_one_positive_per_question():
 def test_one_positive_per_question_before_pos_num(seed):
     """pos_num counts positives after de-duplication: 3 positives from 3 questions, inside the draw of 5."""
     trajs = _multi_sample_pool()
-    c = cfg("prefix", seed=seed, one_positive_per_question=True, neg_num=0)
+    c = cfg("prefix", seed=seed, keep="one_positive", neg_num=0)
     three = tagging.select(trajs, {**c, "pos_num": 3})
     assert len(three) == 3 and len({t.question_id for t in three}) == 3 and all(t.reward for t in three)
     five = tagging.select(trajs, {**c, "pos_num": 5})
@@ -242,7 +243,7 @@ def test_unknown_strategy(call):
 def test_overlap_counts_and_drop():
     trajs = [make_traj(0, True, question="Is the sky blue?"), make_traj(1, False, question="Is the sky  blue"),
              make_traj(2, True, question="Other?")]
-    overlap, shared = tagging.find_overlap(trajs, ["is the sky blue?", "Unrelated question"])
+    overlap, shared = find_overlap(trajs, ["is the sky blue?", "Unrelated question"])
     assert (overlap.questions, overlap.test_size, overlap.trajectories) == (1, 2, 2)
     assert shared == {"is the sky blue"}  # lower-cased, runs of non-word characters to one space, stripped
-    assert ids(tagging.drop_overlap(trajs, shared)) == ["t2"]
+    assert ids(drop_overlap(trajs, shared)) == ["t2"]

@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from negagent.errors import NegagentError
-from negagent.launch import resolve_config
-from negagent.tracking import REDACTED, RunTracker, redact_secrets, run_identity
+from negagent.training.launch import resolve_config
+from negagent.training.tracking import REDACTED, RunTracker, redact_secrets, run_identity
 
 SECRETS = ("sk-live0123456789", "hf_abcdefghijklmn", "ghp_0123456789abcdef", "xoxb-0123456789", "s3cret-value")
 
@@ -108,7 +108,7 @@ def test_run_identity(overrides, name, group):
 
 def test_metrics_jsonl_without_wandb(tmp_path, monkeypatch):
     """Without a logger, metrics go to metrics.jsonl only: step, time and the scalar or text values."""
-    monkeypatch.setattr("negagent.tracking.time.time", lambda: 1700000000.12345)
+    monkeypatch.setattr("negagent.training.tracking.time.time", lambda: 1700000000.12345)
     tracker = RunTracker(tmp_path, {"logger": {"name": "none"}})
     tracker.log({"loss": 0.5, "epoch": 1, "note": "warmup", "grads": [1, 2], "extra": None}, step=3)
     tracker.log({"loss": 0.25}, step=4)

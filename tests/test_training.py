@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from negagent.tracking import REDACTED
+from negagent.training.tracking import REDACTED
 from negagent.trajectory import write_trajectories
 from tests.helpers import make_traj
 

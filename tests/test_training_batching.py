@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from negagent.batching import (GROUP_WINDOW, MicroBatches, collate, first_item, plan_micro_batches, processed_tokens,
+from negagent.training.batching import (GROUP_WINDOW, MicroBatches, collate, first_item, plan_micro_batches, processed_tokens,
                                real_tokens, trained_tokens)
 from negagent.errors import NegagentError
-from negagent.loss import normalised_loss
+from negagent.training.loss import normalised_loss
 from negagent.render import IGNORE, RenderedSample
 from tests.helpers import TINY_MODEL
 
@@ -157,7 +157,7 @@ def test_trained_position_logits_give_the_full_logits_loss_and_gradients(mode, l
     gradient equal those of the full-logits computation."""
     from peft import LoraConfig, get_peft_model
 
-    from negagent.loss import accepts_logits_to_keep, trained_logits, weighted_loss_sum
+    from negagent.training.loss import accepts_logits_to_keep, trained_logits, weighted_loss_sum
     from negagent.models import load_model
 
     model = load_model(TINY_MODEL)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from negagent.checkpoint import tensor_digest
+from negagent.training.checkpoint import tensor_digest
 from negagent.trajectory import write_trajectories
 from tests.helpers import make_traj
 from tests.test_training import REPO, WAIT_S, _wait_for, checkpoint_saved, leave_save_unfinished

@@ -26,8 +26,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from negagent.errors import NegagentError, exit_on_user_error
-from negagent.sweep import (Member, check_distinct_dirs, check_partition, check_sbatch, finished, last_error_line,
-                            mark_done, member_dir, member_hash, queued_job_ids, read_done, write_status)
+from negagent.rundir import read_finished
+from negagent.sweep import (SweepMember, check_distinct_dirs, check_partition, check_sbatch, finished, last_error_line,
+                            mark_done, member_dir, member_hash, queued_job_ids, write_status)
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,17 @@ class SlurmLauncher(SubmititSlurmLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._wait(to_run, self._submit(to_run) if to_run else [])
-        statuses: dict[int, Member] = getattr(self, "_members", {})  # every batch of this sweep
+        statuses: dict[int, SweepMember] = getattr(self, "_members", {})  # every batch of this sweep
         statuses.update({m.index: m for m in members})
         self._members = statuses
         status_file = write_status(sweep_dir, statuses.values())
         self._report(members, status_file)
         return [self._job_return(member, config) for member, config in planned]
 
-    def _plan(self, overrides: list[str], index: int) -> tuple[Member, DictConfig]:
+    def _plan(self, overrides: list[str], index: int) -> tuple[SweepMember, DictConfig]:
         config = self._member_config(overrides, index, f"job_id_for_{index}")
         run_dir = member_dir(config)
-        return Member(index=index, overrides=overrides, run_dir=run_dir, config_hash=member_hash(config, run_dir)), config
+        return SweepMember(index=index, overrides=overrides, run_dir=run_dir, config_hash=member_hash(config, run_dir)), config
 
     def _member_config(self, overrides: list[str], index: int, job_id: str) -> DictConfig:
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
@@ -79,13 +80,13 @@ class SlurmLauncher(SubmititSlurmLauncher):
         return config
 
     @staticmethod
-    def _job_return(member: Member, config: DictConfig) -> JobReturn:
+    def _job_return(member: SweepMember, config: DictConfig) -> JobReturn:
         task_cfg = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
         return JobReturn(overrides=member.overrides, cfg=task_cfg, hydra_cfg=config, working_dir=member.run_dir,
                          task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED)
 
     # -- submission and waiting ---------------------------------------------------------------
-    def _submit(self, members: Sequence[Member]) -> list[Any]:
+    def _submit(self, members: Sequence[SweepMember]) -> list[Any]:
         """hydra-submitit-launcher's submission (one job array), for the given members only."""
         import submitit
 
@@ -113,7 +114,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
             member.log_out, member.log_err = str(job.paths.stdout), str(job.paths.stderr)
         return jobs
 
-    def _wait(self, members: Sequence[Member], jobs: Sequence[Any]) -> None:
+    def _wait(self, members: Sequence[SweepMember], jobs: Sequence[Any]) -> None:
         """Until every job has written its result file or has left the queue without one."""
         from tqdm import tqdm
 
@@ -140,7 +141,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
                     time.sleep(POLL_S)
 
     @staticmethod
-    def _collect(member: Member, job: Any) -> None:
+    def _collect(member: SweepMember, job: Any) -> None:
         try:
             ret = job.results()[0]
         except Exception as exc:  # submitit re-raises the job's own failure, traceback as text
@@ -155,7 +156,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         member.status = "finished"
 
     @staticmethod
-    def _report(members: Sequence[Member], status_file: Path) -> None:
+    def _report(members: Sequence[SweepMember], status_file: Path) -> None:
         count = {s: sum(m.status == s for m in members) for s in ("finished", "skipped", "failed")}
         print(f"sweep: {len(members)} members: {count['finished']} finished, {count['skipped']} skipped "
               f"(finished earlier), {count['failed']} failed; status in {status_file}", flush=True)
@@ -182,7 +183,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         digest = member_hash(config, run_dir)
         # A marker from this very attempt was written by rank 0 while this rank started late: not a skip.
         attempt = f"{environment.job_id}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-        if finished(run_dir, digest) and (read_done(run_dir) or {}).get("attempt") != attempt:
+        if finished(run_dir, digest) and (read_finished(run_dir) or {}).get("attempt") != attempt:
             print(f"skip: {run_dir} already finished (config {digest})", flush=True)  # e.g. requeued after it finished
             return JobReturn(overrides=list(sweep_overrides), working_dir=run_dir, status=JobStatus.COMPLETED)
         if environment.num_tasks > 1:

@@ -264,7 +264,7 @@ def _number(cfg: Mapping[str, Any], key: str, default: float | None, minimum: fl
 
 
 def build(cfg: Mapping[str, Any], **_: Any) -> OpenAIBackend:
-    """An OpenAIBackend from the `teacher` (or `backend`) config; see conf/teacher/openai.yaml."""
+    """An OpenAIBackend from the `teacher` (or `backend`) config; see conf/backend/openai.yaml."""
     base_url, model = cfg.get("base_url"), cfg.get("model")
     if not base_url or not str(base_url).startswith(("http://", "https://")):
         raise NegagentError(f"teacher.base_url={base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")

@@ -76,7 +76,7 @@ class ScriptedTeacher:
         if task.name not in TASKS:
             raise NegagentError(
                 f"teacher=scripted writes trajectories for tasks {', '.join(TASKS)} only, not "
-                f"'{task.name}'; use teacher=openai or teacher=hf"
+                f"'{task.name}'; use backend@teacher=openai or backend@teacher=hf"
             )
         unknown = sorted(set(rates) - set(FAILURES))
         if unknown:
@@ -254,7 +254,7 @@ def _wrong_operand(expr: str, rng: random.Random) -> str:
 
 
 def build(cfg: Mapping[str, Any], *, task: Task | None = None, **_: Any) -> ScriptedTeacher:
-    """A ScriptedTeacher for `task` with `cfg.failure_rates` (see conf/teacher/scripted.yaml)."""
+    """A ScriptedTeacher for `task` with `cfg.failure_rates` (see conf/backend/scripted.yaml)."""
     if task is None:
         raise NegagentError("teacher=scripted needs the task it writes trajectories for")
     rates = dict(cfg.get("failure_rates") or {})

@@ -60,7 +60,7 @@ def _model_location(subject) -> str:
 
 
 def build(cfg: Mapping[str, Any], *, subject, renderer: Renderer, **_: Any) -> VLLMBackend:
-    """A VLLMBackend for the evaluated model (`subject`, a negagent.evaluated_model.EvaluatedModel)."""
+    """A VLLMBackend for the evaluated model (`subject`, a negagent.model_source.ModelSource)."""
     try:
         from vllm import LLM
     except ImportError:

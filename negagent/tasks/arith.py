@@ -20,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from negagent.errors import NegagentError
 from negagent.tasks import choice, integer, limit
-from negagent.tasks.base import Question
+from negagent.tasks.base import Question, MAX_TURNS
 from negagent.tasks.instructions import react_instructions
 from negagent.tasks.math import SCORING_RULES, score_math
 
@@ -370,6 +370,8 @@ class ArithTask:
     max_steps: int = 4
     scoring: str = "numeric"
 
+    max_turns: int = MAX_TURNS
+
     name: ClassVar[str] = "arith"
     tools: ClassVar[tuple[str, ...]] = ("calculate",)
     instructions: ClassVar[str] = INSTRUCTIONS
@@ -410,6 +412,7 @@ def build(cfg: Mapping[str, Any]) -> ArithTask:
     limit_train, limit_test = limit(cfg, "limit_train"), limit(cfg, "limit_test")
     n_train, n_test = integer(cfg, "n_train", 2000), integer(cfg, "n_test", 200)
     return ArithTask(
+        max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
         n_train=n_train if limit_train is None else min(n_train, limit_train),
         n_test=n_test if limit_test is None else min(n_test, limit_test),
         seed=integer(cfg, "seed", 0),

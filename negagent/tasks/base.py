@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+MAX_TURNS = 7  # the paper's limit on model turns per episode; `task.max_turns` overrides it
+
 
 @dataclass(frozen=True)
 class Question:
@@ -25,6 +27,7 @@ class Task(Protocol):
     name: str
     tools: tuple[str, ...]  # tool names the agent may call, besides finish[...]
     instructions: str  # the system text: the ReAct protocol and the tools, in this project's words
+    max_turns: int  # model turns per episode before it ends unsolved (collection and evaluation alike)
 
     def train_questions(self) -> list[Question]:
         """The questions trajectories are collected on."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from negagent.scoring import exact_match, f1
-from negagent.tasks import DataFile, HubSplit, choice, first, limit, load_records
-from negagent.tasks.base import Question
+from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
+from negagent.tasks.base import Question, MAX_TURNS
 from negagent.tasks.instructions import react_instructions
 
 _NAT = "the NAT repository's data folder, https://github.com/Reason-Wang/NAT"
@@ -50,6 +50,8 @@ class HotpotQATask:
     limit_train: int | None = None
     limit_test: int | None = None
 
+    max_turns: int = MAX_TURNS
+
     name: ClassVar[str] = "hotpotqa"
     tools: ClassVar[tuple[str, ...]] = ("search",)
     instructions: ClassVar[str] = INSTRUCTIONS
@@ -72,6 +74,7 @@ class HotpotQATask:
 def build(cfg: Mapping[str, Any]) -> HotpotQATask:
     """A HotpotQATask from the `task` config (conf/task/hotpotqa.yaml)."""
     return HotpotQATask(
+        max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         limit_train=limit(cfg, "limit_train"),

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from negagent.errors import NegagentError
 from negagent.scoring import math_numeric, math_strict
-from negagent.tasks import DataFile, HubSplit, choice, first, limit, load_records
-from negagent.tasks.base import Question
+from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
+from negagent.tasks.base import Question, MAX_TURNS
 from negagent.tasks.instructions import react_instructions
 
 _GSM8K = "GSM8K, https://huggingface.co/datasets/openai/gsm8k"
@@ -80,6 +80,8 @@ class MathTask:
     limit_test: int | None = None
     scoring: str = "numeric"
 
+    max_turns: int = MAX_TURNS
+
     name: ClassVar[str] = "math"
     tools: ClassVar[tuple[str, ...]] = ("calculate",)
     instructions: ClassVar[str] = INSTRUCTIONS
@@ -122,6 +124,7 @@ def build(cfg: Mapping[str, Any]) -> MathTask:
     if unknown or not names:
         raise NegagentError(f"task.test_sets={list(names)}: choose from: {', '.join(TEST_SETS)}")
     return MathTask(
+        max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         test_set_names=names,

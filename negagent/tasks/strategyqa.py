@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from negagent.errors import NegagentError
 from negagent.scoring import yes_no
-from negagent.tasks import DataFile, HubSplit, choice, first, limit, load_records
-from negagent.tasks.base import Question
+from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
+from negagent.tasks.base import Question, MAX_TURNS
 from negagent.tasks.instructions import react_instructions
 
 _NAT = "the NAT repository's data folder, https://github.com/Reason-Wang/NAT"
@@ -64,6 +64,8 @@ class StrategyQATask:
     limit_train: int | None = None
     limit_test: int | None = None
 
+    max_turns: int = MAX_TURNS
+
     name: ClassVar[str] = "strategyqa"
     tools: ClassVar[tuple[str, ...]] = ("search",)
     instructions: ClassVar[str] = INSTRUCTIONS
@@ -84,6 +86,7 @@ class StrategyQATask:
 def build(cfg: Mapping[str, Any]) -> StrategyQATask:
     """A StrategyQATask from the `task` config (conf/task/strategyqa.yaml)."""
     return StrategyQATask(
+        max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         limit_train=limit(cfg, "limit_train"),

@@ -1,6 +1,6 @@
 """The training loss: weighted next-token cross-entropy with an explicit normaliser.
 
-`weights` (from `negagent.batching.collate`) encode `token_mean` or `seq_mean`; `normaliser` is the
+`weights` (from `negagent.training.batching.collate`) encode `token_mean` or `seq_mean`; `normaliser` is the
 sum of the weights over the whole optimizer step (all gradient-accumulation micro-batches and all
 ranks), so the result does not depend on how a step is split into micro-batches or ranks.
 

@@ -10,28 +10,19 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from negagent.metrics import format_ci
+
 
 def evaluate_base(resolved: Mapping[str, Any], overrides: Mapping[str, Any], out_dir: Path) -> dict:
     """Evaluate `resolved["model"]` untrained (no tag) with the evaluator `overrides` used for the run."""
-    from negagent.evaluation import default_config, evaluate
+    from negagent.evaluation.evaluator import default_config, evaluate
 
-    cfg = OmegaConf.merge(
-        default_config(),
-        OmegaConf.create(dict(overrides)),
-        {"run_dir": None, "model": resolved["model"], "task": resolved["task"], "render": resolved["render"],
-         "tagging": {"strategy": "none"}, "tag_mode": "none"},
-    )
+    cfg = OmegaConf.merge(default_config(), OmegaConf.create(dict(overrides)))
+    # The run's own sections replace the defaults whole (a merge would mix in another task's keys).
+    for key, value in {"model": resolved["model"], "task": resolved["task"], "render": resolved["render"],
+                       "tagging": {"strategy": "none"}, "run_dir": None, "tag_mode": "none"}.items():
+        cfg[key] = value
     return evaluate(cfg, out_dir)
-
-
-def _cell(stat: Any, percent: bool = True) -> str:
-    if not isinstance(stat, Mapping) or "mean" not in stat:
-        return "-"
-    scale = 100.0 if percent else 1.0
-    mean, lo, hi = (stat.get(k) for k in ("mean", "lo", "hi"))
-    if lo is None or hi is None:
-        return f"{mean * scale:.1f}"
-    return f"{mean * scale:.1f} [{lo * scale:.1f}, {hi * scale:.1f}]"
 
 
 def comparison_rows(metrics: Mapping[str, Any]) -> list[tuple[str, dict]]:
@@ -49,8 +40,8 @@ def print_comparison(base: Mapping[str, Any], trained: Mapping[str, Any], resolv
     for label, metrics in (("base", base), (f"trained ({strategy})", trained)):
         for name, summary in comparison_rows(metrics):
             table.add_row(
-                label, name, str(summary.get("n_questions", "-")), _cell(summary.get("reward")),
-                _cell(summary.get("strict")), _cell({"mean": summary.get("action_error_rate", 0.0)}),
-                _cell(summary.get("mean_steps"), percent=False),
+                label, name, str(summary.get("n_questions", "-")), format_ci(summary.get("reward")),
+                format_ci(summary.get("strict")), format_ci({"mean": summary.get("action_error_rate", 0.0)}),
+                format_ci(summary.get("mean_steps"), scale=1.0),
             )
     Console(width=150).print(table)

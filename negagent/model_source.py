@@ -1,7 +1,9 @@
-"""What an evaluation evaluates: a training run directory, a base model, or a model behind an API.
+"""Which model a backend runs: a training run directory, a base model, or a model behind an API,
+with the settings it was trained with (its tag, render settings and task). The evaluator evaluates a
+`ModelSource`; collection can use one as its teacher; both load it through `negagent.backends`.
 
-A training run directory holds a frozen resolved config (`config.yaml` or `.hydra/config.yaml`,
-with `model`, `tagging`, `task` and `render` sections), optionally `manifest.json`, and the trained
+A training run directory (`negagent.rundir`) holds a frozen resolved config (`config.yaml` or
+`.hydra/config.yaml`, with `model`, `tagging`, `task` and `render` sections), optionally `manifest.json`, and the trained
 weights, either a peft adapter (`adapter_config.json` + `adapter_model.*`) or a full model
 (`config.json` + `*.safetensors` / `pytorch_model*.bin`), in the directory itself or in one
 sub-folder (`model/`, `final/`, ...). Files are detected, never assumed; intermediate
@@ -18,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from negagent import rundir
 from negagent.errors import NegagentError
 
-CONFIG_NAMES = ("config.yaml", ".hydra/config.yaml")
 _PREFERRED_SUBDIRS = ("model", "final", "adapter", "output")
-_SKIPPED_SUBDIRS = ("eval", "wandb", "logs")
+_SKIPPED_SUBDIRS = (rundir.EVAL, rundir.EVAL_BASE, rundir.COLLECTED, rundir.EXPORT, "wandb", "logs")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
-class EvaluatedModel:
-    """The model under evaluation and the settings it was trained with."""
+class ModelSource:
+    """A model to run and the settings it was trained with."""
 
     label: str  # a short name for tables and provenance
     model_cfg: dict  # the `model` config: the base model (for adapters) or the model itself
@@ -86,31 +88,6 @@ def find_model_files(run_dir: Path) -> tuple[str, Path]:
     )
 
 
-def _frozen_config(run_dir: Path) -> tuple[dict, Path]:
-    from omegaconf import OmegaConf
-
-    for folder in (run_dir, run_dir.parent):
-        for name in CONFIG_NAMES:
-            path = folder / name
-            if path.is_file():
-                try:
-                    return OmegaConf.to_container(OmegaConf.load(path), resolve=True), path
-                except Exception as exc:  # YAML or interpolation errors: name the file, no traceback
-                    raise NegagentError(f"{path}: cannot read the run's config ({str(exc).splitlines()[0]})") from None
-    raise NegagentError(f"{run_dir}: no frozen run config (config.yaml or .hydra/config.yaml) in it or its parent")
-
-
-def _manifest(run_dir: Path) -> dict:
-    for folder in (run_dir, run_dir.parent):
-        path = folder / "manifest.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                return {}
-    return {}
-
-
 def training_summary(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict:
     """The sweep coordinates of a run: strategy, neg_num, pos_num, seed and negatives actually used."""
     tagging = config.get("tagging") or {}
@@ -129,18 +106,19 @@ def training_summary(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> 
     }
 
 
-def from_run_dir(run_dir: str | Path) -> EvaluatedModel:
+def from_run_dir(run_dir: str | Path) -> ModelSource:
     """The model trained in `run_dir`, with its frozen model, tagging, render and task settings."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise NegagentError(f"run_dir={run_dir}: no such directory")
     kind, folder = find_model_files(run_dir)
-    config, config_path = _frozen_config(run_dir)
+    # Older runs have only Hydra's unresolved .hydra/config.yaml (model paths such as ${cache_dir}).
+    config, config_path = rundir.read_config(run_dir, look_in_parent=True, resolve=True)
     if not isinstance(config.get("model"), Mapping):
         raise NegagentError(f"{config_path}: no `model` section; this is not a training run's config")
-    if not (run_dir / "done").exists() and not (run_dir.parent / "done").exists():
-        print(f"note: {run_dir} has no 'done' marker: training may not have finished", flush=True)
-    return EvaluatedModel(
+    if not rundir.is_trained(run_dir, look_in_parent=True):
+        print(f"note: {run_dir} has no '{rundir.TRAINED}' marker: training may not have finished", flush=True)
+    return ModelSource(
         label=run_dir.name if run_dir.name else str(run_dir),
         model_cfg=dict(config["model"]),
         tagging_cfg=dict(config.get("tagging") or {"strategy": "none"}),
@@ -149,13 +127,13 @@ def from_run_dir(run_dir: str | Path) -> EvaluatedModel:
         weights_dir=folder if kind == "full" else None,
         adapter_dir=folder if kind == "adapter" else None,
         run_dir=run_dir,
-        training={**training_summary(config, _manifest(run_dir)), "run_dir": str(run_dir)},
+        training={**training_summary(config, rundir.read_manifest(run_dir, look_in_parent=True)), "run_dir": str(run_dir)},
     )
 
 
-def base_model(model_cfg: Mapping[str, Any], tagging_cfg: Mapping[str, Any], render_cfg: Mapping[str, Any]) -> EvaluatedModel:
+def base_model(model_cfg: Mapping[str, Any], tagging_cfg: Mapping[str, Any], render_cfg: Mapping[str, Any]) -> ModelSource:
     """A model from the `model` config group, evaluated as it is."""
-    return EvaluatedModel(
+    return ModelSource(
         label=str(model_cfg.get("name")),
         model_cfg=dict(model_cfg),
         tagging_cfg=dict(tagging_cfg),
@@ -165,7 +143,7 @@ def base_model(model_cfg: Mapping[str, Any], tagging_cfg: Mapping[str, Any], ren
     )
 
 
-def load_tokenizer_for(subject: EvaluatedModel):
+def load_tokenizer_for(subject: ModelSource):
     """The tokenizer saved with the trained weights when there is one, else the model config's."""
     from negagent.models import load_tokenizer
 
@@ -181,7 +159,7 @@ def load_tokenizer_for(subject: EvaluatedModel):
     return load_tokenizer(subject.model_cfg)
 
 
-def load_causal_lm(subject: EvaluatedModel, tokenizer, *, dtype: str | None = None, device: str = "auto"):
+def load_causal_lm(subject: ModelSource, tokenizer, *, dtype: str | None = None, device: str = "auto"):
     """The model in eval mode on `device` ("auto": cuda when available); adapters are merged in memory."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -1,7 +1,7 @@
 """DeepSpeed JSON generated from the `trainer` config.
 
 Batch sizes are explicit (never "auto" for train_batch_size): one micro-batch (a whole planned
-group of samples, see `negagent.batching`) per rank per forward, `grad_accum` micro-batches per
+group of samples, see `negagent.training.batching`) per rank per forward, `grad_accum` micro-batches per
 optimizer step. ZeRO-3 saves gather the 16-bit weights so the final save holds the full model.
 With CPU offload the optimizer is DeepSpeed's own (its CPU Adam); otherwise the Trainer's AdamW.
 """

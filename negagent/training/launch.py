@@ -3,14 +3,14 @@
 The Hydra process resolves the config once and writes it to `<run_dir>/config.yaml`; training
 ranks are started (torchrun) on this module's plain entry point, which reads that file:
 
-    python -m negagent.launch <run_dir>
+    python -m negagent.training.launch <run_dir>
 
 So there is one output directory, and ranks never see Hydra or a `--local_rank` argument. One
 process without DeepSpeed trains inside the Hydra process instead.
 
-Run directory rules: a directory with a `done` marker is never written into again; a directory
-holding an unfinished run with the same config is resumed from its last checkpoint; one holding
-a different config is refused.
+Run directory rules (file names in `negagent.rundir`): a finished run is never written into
+again; a directory holding an unfinished run with the same config is resumed from its last
+checkpoint; one holding a different config is refused.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from negagent.sweep import DONE_FILE  # the whole run finished (training and evaluation)
+from negagent import rundir
 from negagent.errors import NegagentError, exit_on_user_error
-from negagent.tracking import REDACTED, redact_secrets, run_identity
+from negagent.training.tracking import REDACTED, redact_secrets, run_identity
 
-CONFIG_FILE = "config.yaml"
-DONE = "done"  # training finished: final weights saved and verified
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # negagent/training/launch.py -> the checkout
 
 
 def resolve_config(cfg, overrides: Sequence[str], run_dir: Path, name_excludes: Sequence[str] = ()) -> dict[str, Any]:
@@ -95,7 +93,7 @@ def refuse_finished_run_dir(argv: Sequence[str]) -> None:
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
             folder = Path(arg.split("=", 1)[1]).expanduser()
-            if (folder / DONE_FILE).is_file():
+            if (folder / rundir.FINISHED).is_file():
                 raise NegagentError(f"{folder}: a finished run is already there; choose a new hydra.run.dir")
 
 
@@ -113,25 +111,16 @@ def check_run_dir(run_dir: Path, resolved: Mapping[str, Any]) -> str:
     """What `run_dir` holds for this config: "new", "resume" (unfinished training) or "trained"
     (training finished and verified; what follows it, evaluation, is still to do). Another
     config's run there is an error."""
-    frozen = run_dir / CONFIG_FILE
-    if not frozen.is_file():
-        if (run_dir / DONE).is_file():
+    if not (run_dir / rundir.CONFIG).is_file():
+        if rundir.is_trained(run_dir):
             raise NegagentError(f"{run_dir}: a finished run is already there; choose a new hydra.run.dir")
         return "new"
-    previous = yaml.safe_load(frozen.read_text())
+    previous, _ = rundir.read_config(run_dir)
     differs = _first_difference(previous, dict(resolved))
     if differs:
         raise NegagentError(f"{run_dir}: holds a run with a different config (at {differs}); "
                             "rerun its exact command to resume, or choose a new hydra.run.dir")
-    return "trained" if (run_dir / DONE).is_file() else "resume"
-
-
-def freeze(run_dir: Path, resolved: Mapping[str, Any]) -> Path:
-    path = run_dir / CONFIG_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(dict(resolved), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return "trained" if rundir.is_trained(run_dir) else "resume"
 
 
 def available_slots() -> tuple[int, str]:
@@ -151,7 +140,7 @@ def check_nproc(nproc: int) -> None:
 
 def rank_command(run_dir: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "negagent.launch", str(run_dir)]
+            "-m", "negagent.training.launch", str(run_dir)]
 
 
 def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
@@ -159,7 +148,7 @@ def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
     trainer = resolved["trainer"]
     nproc = int(trainer["nproc_per_node"])
     if nproc == 1 and not trainer.get("deepspeed"):
-        from negagent.training import train
+        from negagent.training.recipe import train
 
         train(resolved, run_dir)
         return
@@ -173,7 +162,7 @@ def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
     rc = subprocess.call(rank_command(run_dir, nproc), env=env)
     if rc != 0:
         raise NegagentError(f"training ranks failed (exit {rc}); the lines above say why; rerun the same command to resume")
-    if not (run_dir / DONE).is_file():
+    if not rundir.is_trained(run_dir):
         raise NegagentError(f"{run_dir}: the ranks exited without a verified final save")
 
 
@@ -195,15 +184,14 @@ def _die_with_launcher() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise NegagentError("usage: python -m negagent.launch <run_dir>  (a run directory with config.yaml)")
+        raise NegagentError("usage: python -m negagent.training.launch <run_dir>  (a run directory with config.yaml)")
     run_dir = Path(args[0])
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise NegagentError(f"{path}: no frozen config; start runs with train.py")
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise NegagentError(f"{run_dir / rundir.CONFIG}: no frozen config; start runs with train.py")
     _die_with_launcher()
-    from negagent.training import train
+    from negagent.training.recipe import train
 
-    train(yaml.safe_load(path.read_text()), run_dir)
+    train(rundir.read_config(run_dir)[0], run_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from negagent.metrics import mean_ci, paired_comparison
+from negagent.metrics import format_ci, mean_ci, paired_comparison, question_scores
 
 # The paper's baselines first, then its method, then anything else alphabetically.
 _ORDER = {"base": -1, "positive_only": 0, "none": 1, "prefix": 2, "suffix": 3, "graded": 4}
@@ -48,8 +48,6 @@ class StrategyRow:
 def summarize(members: Sequence) -> list[StrategyRow]:
     """Rows for every evaluated member, grouped by (strategy, negatives); members without metrics
     are left to the sweep report's missing list."""
-    from negagent.evaluation import question_scores
-
     groups: dict[tuple, list] = defaultdict(list)
     for m in members:
         if m.metrics:
@@ -86,14 +84,6 @@ def summarize(members: Sequence) -> list[StrategyRow]:
     return sorted(rows, key=lambda r: (_ORDER.get(r.strategy, 99), r.strategy, r.negatives if r.negatives is not None else math.inf))
 
 
-def _ci(value: dict | None) -> str:
-    """A fraction with its interval, in percent: "12.5 [3.1, 25.0]"."""
-    mean = None if not value else value.get("mean", value.get("diff"))
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
-    return f"{mean * 100:.1f} [{value['lo'] * 100:.1f}, {value['hi'] * 100:.1f}]"
-
-
 def table_rows(rows: Sequence[StrategyRow]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison table (accuracies and control strength in points)."""
     sets = list(dict.fromkeys(s for r in rows for s in r.accuracy))
@@ -101,10 +91,10 @@ def table_rows(rows: Sequence[StrategyRow]) -> tuple[list[str], list[list[str]]]
     cells = []
     for r in rows:
         per_seed = ", ".join(f"{v * 100:.1f}" for _, v in sorted(r.per_seed.items()))
-        control = "untagged" if r.control is None else f"{_ci(r.control)} p={r.control['p_value']:.3g}"
+        control = "untagged" if r.control is None else f"{format_ci(r.control)} p={r.control['p_value']:.3g}"
         errors = "-" if r.action_error_rate is None else f"{r.action_error_rate * 100:.1f}"
         steps = "-" if r.mean_steps is None else f"{r.mean_steps:.2f}"
-        cells.append([r.label, str(len(r.seeds))] + [_ci(r.accuracy.get(s)) for s in sets] + [per_seed, control, errors, steps])
+        cells.append([r.label, str(len(r.seeds))] + [format_ci(r.accuracy.get(s)) for s in sets] + [per_seed, control, errors, steps])
     return header, cells
 
 

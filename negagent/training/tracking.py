@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from negagent import rundir
 from negagent.errors import NegagentError
 
 # Keys that hold a secret themselves ("api_key", "hf_token", "wandb_key"), not ones that merely
@@ -45,7 +46,7 @@ class RunTracker:
     """Appends metrics to `run_dir/metrics.jsonl` and mirrors them to wandb when configured."""
 
     def __init__(self, run_dir: Path, cfg: Mapping[str, Any]):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / rundir.TRAINING_LOG
         self.wandb_run = None
         logger = cfg.get("logger") or {"name": "none"}
         if logger.get("name") not in LOGGERS:

@@ -8,13 +8,15 @@ overlap, and a hash of the trajectory file.
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from negagent import tagging
 from negagent.errors import NegagentError
 from negagent.render import RenderedSample, Renderer, build_chat
-from negagent.trajectory import load_trajectories
+from negagent.trajectory import Trajectory, load_trajectories
 
 
 def file_sha256(path: str | Path) -> str:
@@ -23,6 +25,33 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _normalize_question(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+@dataclass
+class Overlap:
+    """Train trajectories whose question also appears in a test set (by normalized text)."""
+
+    questions: int  # distinct test questions also in train
+    test_size: int
+    trajectories: int  # train trajectories on those questions
+
+
+def find_overlap(trajectories: Sequence[Trajectory], test_questions: Iterable[str]) -> tuple[Overlap, set[str]]:
+    """Count train/test overlap; returns the counts and the normalized overlapping questions."""
+    test = {_normalize_question(q) for q in test_questions}
+    train = {_normalize_question(t.question) for t in trajectories}
+    shared = test & train
+    n_traj = sum(1 for t in trajectories if _normalize_question(t.question) in shared)
+    return Overlap(len(shared), len(test), n_traj), shared
+
+
+def drop_overlap(trajectories: Sequence[Trajectory], shared: set[str]) -> list[Trajectory]:
+    """The trajectories whose question is not among `shared` (from `find_overlap`)."""
+    return [t for t in trajectories if _normalize_question(t.question) not in shared]
 
 
 def render_samples(
@@ -77,9 +106,9 @@ def prepare(
         path, skip_bad=bool(cfg["data"].get("skip_bad_lines")), task=task.name
     )
     test_questions = [q.question for qs in task.test_sets().values() for q in qs]
-    overlap, shared = tagging.find_overlap(trajectories, test_questions)
+    overlap, shared = find_overlap(trajectories, test_questions)
     if overlap.questions and cfg["data"].get("drop_test_overlap"):
-        trajectories = tagging.drop_overlap(trajectories, shared)
+        trajectories = drop_overlap(trajectories, shared)
         if not trajectories:
             raise NegagentError(f"{path}: every trajectory's question is in a test set; nothing left to train on")
     tag_cfg = cfg["tagging"]

@@ -1,14 +1,15 @@
 """The training recipe: frozen config -> trained adapter or model, verified, in the run directory.
 
 Reads top to bottom in `train`: arguments (before the model, so ZeRO-3 partitions it while it
-loads), data (the same `negagent.data.prepare` the entry point ran, checked against its manifest),
+loads), data (the same `negagent.training.data.prepare` the entry point ran, checked against its manifest),
 micro-batch plan, model (+ LoRA), the HF `Trainer` with this project's loss, resume from the last
-checkpoint, final save, verification, summary, `done`. Run it once per rank; `negagent.launch`
+checkpoint, final save, verification, summary, `done`. Run it once per rank; `negagent.training.launch`
 starts the ranks.
 
-Run directory after a run: config.yaml, manifest.json, the adapter (adapter_model.safetensors +
-adapter_config.json) or the full model (model.safetensors + config.json) with the tokenizer,
-metrics.jsonl, summary.json, ranks/ (per rank: data order and ZeRO partition facts), done.
+Run directory after a run (names in `negagent.rundir`): config.yaml, manifest.json, the adapter
+(adapter_model.safetensors + adapter_config.json) or the full model (model.safetensors +
+config.json) with the tokenizer, metrics.jsonl, summary.json, ranks/ (per rank: data order and
+ZeRO partition facts), done.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from typing import Any, Mapping
 
 import torch
 
-from negagent import batching, checkpoint, deepspeed_config
+from negagent.training import batching
+from negagent.training import checkpoint
+from negagent.training import deepspeed_config
+from negagent import rundir
 from negagent.errors import NegagentError
-from negagent.launch import DONE
-from negagent.tracking import RunTracker
+from negagent.training.tracking import RunTracker
 
 METHODS = ("lora", "full")
 
@@ -89,7 +92,7 @@ def _trainer_class():
     from transformers import Trainer
 
     class NegagentTrainer(Trainer):
-        """HF Trainer whose loss is `negagent.loss` with a normaliser over the whole optimizer step.
+        """HF Trainer whose loss is `negagent.training.loss` with a normaliser over the whole optimizer step.
 
         The normaliser (sum of `weights` over every micro-batch of the step, on every rank) is
         computed once per step; each micro-batch's loss is its weighted sum over that, times the
@@ -111,7 +114,7 @@ def _trainer_class():
             return total.reshape(())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from negagent.loss import trained_logits, weighted_loss_sum
+            from negagent.training.loss import trained_logits, weighted_loss_sum
 
             targets, weights = inputs.pop("targets"), inputs.pop("weights")
             sample_index = inputs.pop("sample_index")
@@ -159,8 +162,8 @@ def training_arguments(cfg: Mapping[str, Any], run_dir: Path, world_size: int):
         extra["accelerator_config"] = {"use_configured_state": True}
         _deepspeed_state_on_cpu()
     return TrainingArguments(**extra,
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=1,  # one planned micro-batch per forward (see negagent.batching)
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
+        per_device_train_batch_size=1,  # one planned micro-batch per forward (see negagent.training.batching)
         gradient_accumulation_steps=grad_accum,
         num_train_epochs=float(trainer["epochs"]),
         max_steps=int(trainer["max_steps"]),
@@ -177,7 +180,7 @@ def training_arguments(cfg: Mapping[str, Any], run_dir: Path, world_size: int):
         save_total_limit=trainer.get("save_total_limit"),
         logging_steps=int(trainer["logging_steps"]),
         logging_first_step=True,
-        report_to="none",  # metrics go through negagent.tracking
+        report_to="none",  # metrics go through negagent.training.tracking
         seed=int(cfg["seed"]),
         data_seed=int(cfg["seed"]),
         deepspeed=ds,
@@ -231,17 +234,17 @@ def build_model(cfg: Mapping[str, Any]):
 
 
 def _samples(cfg: Mapping[str, Any], run_dir: Path):
-    from negagent.data import prepare
     from negagent.models import load_tokenizer
-    from negagent.render import Renderer
+    from negagent.render import build_renderer
     from negagent.tasks import get_task
+    from negagent.training.data import prepare
 
     tokenizer = load_tokenizer(cfg["model"])
-    renderer = Renderer(tokenizer, max_length=int(cfg["render"]["max_length"]), end_of_turn=cfg["render"].get("end_of_turn"))
+    renderer = build_renderer(tokenizer, cfg["render"])
     samples, manifest = prepare(cfg, get_task(cfg["task"]), renderer)
-    frozen = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    frozen = rundir.read_manifest(run_dir)
     if frozen.get("samples_sha256") not in (None, samples_digest(samples)):
-        raise NegagentError(f"{run_dir}/manifest.json: the training data changed since this run started "
+        raise NegagentError(f"{run_dir / rundir.MANIFEST}: the training data changed since this run started "
                             f"({manifest['trajectories']}); start a new run directory")
     return samples, tokenizer
 
@@ -307,14 +310,15 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
                                     loss_norm=trainer_cfg["loss_norm"])
     set_seed(int(cfg["seed"]))
     model = build_model(cfg)
-    (run_dir / "ranks").mkdir(exist_ok=True)
+    ranks_dir = run_dir / rundir.RANKS
+    ranks_dir.mkdir(exist_ok=True)
     tracker = RunTracker(run_dir, cfg) if is_main else None
     final: dict[str, Any] = {}
     started = time.time()
     try:
         trainer = _trainer_class()(
             model=model, args=args, train_dataset=dataset, data_collator=batching.first_item, processing_class=tokenizer,
-            callbacks=[_metrics_callback(tracker, final)], order_log=run_dir / "ranks" / f"rank{rank}.order.jsonl",
+            callbacks=[_metrics_callback(tracker, final)], order_log=ranks_dir / f"rank{rank}.order.jsonl",
         )
         resume, incomplete = last_complete_checkpoint(Path(args.output_dir))
         if is_main:
@@ -327,7 +331,7 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
         tokens = _all_reduce_sum(trainer.token_counts)
         trainer.save_model(str(run_dir))
         verified = checkpoint.verify_saved_model(trainer.model, run_dir, adapter=trainer_cfg["method"] == "lora", is_main=is_main)
-        (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps({
+        (ranks_dir / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "world_size": world_size, "deepspeed": trainer_cfg.get("deepspeed"),
             "micro_batches": len(plan) // world_size, **facts,
         }, indent=2))
@@ -345,11 +349,11 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
             "saved": {"kind": "adapter" if trainer_cfg["method"] == "lora" else "model", **verified},
         }
         if is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=2))
             tracker.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
             if not trainer_cfg.get("keep_checkpoints", False):
                 shutil.rmtree(args.output_dir, ignore_errors=True)
-            (run_dir / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+            rundir.mark_trained(run_dir)
             print(f"done: {run_dir} (final loss {summary['final_loss']}, {summary['tokens_per_s']} tokens/s)", flush=True)
     except BaseException:
         if tracker is not None:

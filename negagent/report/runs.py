@@ -2,8 +2,8 @@
 
     python -m negagent.report multirun/train/2024-05-01_12-00-00 [--out DIR] [--compare RUN_A RUN_B]
 
-Layout it reads. A *member* is a directory with any of: `config.yaml`, `.hydra/config.yaml`,
-`manifest.json`, `metrics.json`, `eval/metrics.json`, `done`. Each argument is a member, or a
+Layout it reads (`negagent.rundir`). A *member* is a directory with any of: `config.yaml`,
+`.hydra/config.yaml`, `manifest.json`, `metrics.json`, `eval/metrics.json`, `done`. Each argument is a member, or a
 multirun directory searched (a few levels deep) for members; the search does not descend into a
 member. A member's evaluation is `<member>/eval/metrics.json` (written by train.py's final
 evaluation or `python evaluate.py run_dir=<member>`), else `<member>/metrics.json` (an evaluate.py
@@ -14,7 +14,7 @@ missing, with its path, never dropped.
 Outputs in --out (default: the first argument): report.md, report.csv, one PNG per headline
 metric (metric against the number of negatives, a line per strategy, like the paper's Figure 1),
 the strategy comparison pooled over seeds (strategies.md / .csv / plot_strategies.png, printed
-too; see `negagent.strategy_table`), and with two members (or --compare) comparison.md /
+too; see `negagent.report.strategy_table`), and with two members (or --compare) comparison.md /
 comparison.json: which questions flipped and an exact paired test.
 """
 
@@ -30,15 +30,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from negagent import strategy_table
+from negagent import rundir
 from negagent.errors import NegagentError, exit_on_user_error
+from negagent.metrics import format_ci, question_scores
+from negagent.report import strategy_table
 
-_MARKERS = ("config.yaml", ".hydra/config.yaml", "manifest.json", "metrics.json", "eval/metrics.json", "done")
 _SEARCH_DEPTH = 16  # run names that hold path values (data.trajectories=/a/b.jsonl) nest folders
 
 
 @dataclass
-class Member:
+class RunResult:
     """One run of a sweep: where it is, its coordinates, and its metrics (None: missing)."""
 
     path: Path
@@ -70,16 +71,12 @@ class Member:
         return None
 
 
-def is_member(path: Path) -> bool:
-    return any((path / marker).exists() for marker in _MARKERS)
-
-
 def find_members(paths: Sequence[str | Path]) -> list[Path]:
     """Every member in or at `paths`, in sorted order, each once."""
     found: list[Path] = []
 
     def walk(path: Path, depth: int) -> None:
-        if is_member(path):
+        if rundir.is_run(path):
             found.append(path)
             return
         if depth >= _SEARCH_DEPTH:
@@ -102,44 +99,31 @@ def find_members(paths: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _frozen(path: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    for name in ("config.yaml", ".hydra/config.yaml"):
-        if (path / name).is_file():
-            try:
-                return OmegaConf.to_container(OmegaConf.load(path / name), resolve=False)  # type: ignore[return-value]
-            except Exception:  # an unreadable config only costs the coordinates, not the report
-                return {}
-    return {}
+    try:
+        return rundir.read_config(path)[0]
+    except NegagentError:  # an absent or unreadable config only costs the coordinates, not the report
+        return {}
 
 
-def load_member(path: Path) -> Member:
+def load_member(path: Path) -> RunResult:
     """A member with its coordinates and metrics (or the reason they are missing)."""
-    from negagent.evaluated_model import training_summary
+    from negagent.model_source import training_summary
 
-    member = Member(path)
-    for candidate in (path / "eval" / "metrics.json", path / "metrics.json"):
-        if candidate.is_file():
-            member.metrics = _read_json(candidate)
-            member.metrics_path = candidate
-            if member.metrics is None or "results" not in member.metrics:
-                member.problem = f"{candidate} is not an evaluation metrics file"
-                member.metrics = None
-            break
+    member = RunResult(path)
+    candidate = rundir.evaluation_metrics(path)
+    if candidate is not None:
+        member.metrics = rundir.read_json(candidate)
+        member.metrics_path = candidate
+        if member.metrics is None or "results" not in member.metrics:
+            member.problem = f"{candidate} is not an evaluation metrics file"
+            member.metrics = None
     else:
-        member.problem = f"no metrics: neither {path / 'eval' / 'metrics.json'} nor {path / 'metrics.json'} exists"
+        member.problem = (f"no metrics: neither {path / rundir.EVAL / rundir.METRICS} nor "
+                          f"{path / rundir.METRICS} exists")
     training = dict((member.metrics or {}).get("training") or {})
     if not training.get("strategy"):
-        training = {**training_summary(_frozen(path), _read_json(path / "manifest.json") or {}), **{k: v for k, v in training.items() if v is not None}}
+        training = {**training_summary(_frozen(path), rundir.read_manifest(path)), **{k: v for k, v in training.items() if v is not None}}
     member.strategy = training.get("strategy")
     member.neg_num = training.get("neg_num")
     member.negatives_used = training.get("negatives_used")
@@ -179,7 +163,7 @@ def columns(metrics: dict) -> dict[str, dict]:
     return out
 
 
-def headline_columns(members: Sequence[Member]) -> list[str]:
+def headline_columns(members: Sequence[RunResult]) -> list[str]:
     """The columns plotted: each test set's reward metric (and the average over sets)."""
     names: list[str] = []
     for member in members:
@@ -204,21 +188,12 @@ def _reward_metric(stats: dict) -> str:
     return "reward" if "reward" in stats else next(k for k, v in stats.items() if isinstance(v, dict) and "mean" in v)
 
 
-def _sort_key(member: Member) -> tuple:
+def _sort_key(member: RunResult) -> tuple:
     neg = member.negatives
     return (str(member.strategy), neg if neg is not None else math.inf, str(member.seed), str(member.path))
 
 
-def _fmt(value: dict | None) -> str:
-    if not value or value.get("mean") is None or (isinstance(value["mean"], float) and math.isnan(value["mean"])):
-        return "-"
-    text = f"{value['mean']:.3f}"
-    if "lo" in value and "hi" in value:
-        text += f" [{value['lo']:.3f}, {value['hi']:.3f}]"
-    return text
-
-
-def write_tables(members: Sequence[Member], out: Path) -> list[str]:
+def write_tables(members: Sequence[RunResult], out: Path) -> list[str]:
     """report.md and report.csv; returns the metric columns."""
     cols = list(dict.fromkeys(c for m in members for c in m.values))
     lines = [
@@ -236,7 +211,7 @@ def write_tables(members: Sequence[Member], out: Path) -> list[str]:
             status = "ok" if m.metrics else f"missing: {m.problem}"
             writer.writerow([m.strategy, m.neg_num, m.negatives_used, m.seed, status, str(m.path)]
                             + [m.values.get(c, {}).get(part, "") for c in cols for part in ("mean", "lo", "hi")])
-            cells = [_fmt(m.values.get(c)) for c in cols] if m.metrics else [f"missing ({m.problem})"] + ["-"] * (len(cols) - 1)
+            cells = [format_ci(m.values.get(c), scale=1.0, digits=3) for c in cols] if m.metrics else [f"missing ({m.problem})"] + ["-"] * (len(cols) - 1)
             if not cols:
                 cells = []
             lines.append(f"| {m.strategy} | {neg} | {m.seed} | " + " | ".join(cells) + f" | {m.path} |")
@@ -247,7 +222,7 @@ def write_tables(members: Sequence[Member], out: Path) -> list[str]:
     return cols
 
 
-def plot(members: Sequence[Member], column: str, out: Path) -> Path | None:
+def plot(members: Sequence[RunResult], column: str, out: Path) -> Path | None:
     """Metric against number of negatives, one line per strategy (mean over seeds; bars: seed range,
     or the bootstrap interval with one seed). None when no member has both x and y."""
     import matplotlib
@@ -290,22 +265,21 @@ def plot(members: Sequence[Member], column: str, out: Path) -> Path | None:
     return path
 
 
-def _trajectory_file(member: Member) -> Path:
+def _trajectory_file(member: RunResult) -> Path:
     if member.metrics_path is None:
         raise NegagentError(f"{member.path}: no metrics.json, so no trajectories to compare")
-    name = (member.metrics or {}).get("files", {}).get("trajectories") or "trajectories.jsonl"
+    name = (member.metrics or {}).get("files", {}).get("trajectories") or rundir.TRAJECTORIES
     path = member.metrics_path.parent / name
     if not path.is_file():
         raise NegagentError(f"{path}: per-question trajectories missing; cannot compare on question ids")
     return path
 
 
-def compare(a: Member, b: Member, out: Path) -> dict:
+def compare(a: RunResult, b: RunResult, out: Path) -> dict:
     """Paired comparison of two members on the question ids both evaluated (primary tag mode)."""
-    from negagent.evaluation import question_scores
     from negagent.metrics import paired_comparison
 
-    def scores(member: Member) -> dict[str, float]:
+    def scores(member: RunResult) -> dict[str, float]:
         primary = member.metrics.get("primary") if member.metrics else None
         return question_scores(member.episodes(primary))
 

@@ -27,50 +27,42 @@ import os
 import statistics
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+from negagent import rundir
 from negagent.agent import Sampling, run_episodes
+from negagent.render import instructions_role
+from negagent.tagging import KEEP_RULES
 from negagent.files import write_json_atomic
 from negagent.errors import NegagentError
 from negagent.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 
-EPISODES = "episodes.jsonl"
-TRAJECTORIES = "trajectories.jsonl"
-IDENTITY = "collection.json"
-STATS = "stats.json"
-KEEP_RULES = ("all", "one_positive")
+EPISODES, TRAJECTORIES, IDENTITY, STATS = rundir.EPISODES, rundir.TRAJECTORIES, rundir.COLLECTION, rundir.STATS
 _SEED_STRIDE = 100_003  # sample seeds of different run seeds never coincide (fewer samples than this)
-_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --- configuration ------------------------------------------------------------------------------
 
 
-def _plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _group_default(group: str, name: str) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(_CONF / group / f"{name}.yaml"), resolve=True)
+_WHOLE_SECTIONS = ("task", "teacher", "protocol", "model")  # group choices: replaced, never merged
 
 
 def with_defaults(cfg: Mapping[str, Any]) -> dict:
-    """`cfg` with the groups collection needs filled in where absent (scripted teacher, paper protocol),
-    so callers outside generate.py (train.py collecting its default data) pass only what they have."""
-    full = dict(_plain(cfg))
-    defaults = {"teacher": "scripted", "protocol": "paper", "tools": "default"}
-    for group, name in defaults.items():
-        if not full.get(group):
-            full[group] = _group_default(group, name)
-    full.setdefault("seed", 0)
-    full.setdefault("generation", {})
-    full.setdefault("render", {})
-    return full
+    """`cfg` over conf/generate.yaml's composed defaults (scripted teacher, paper protocol, default
+    tools), so callers outside generate.py (train.py collecting its default data) pass only what
+    they have. Group sections that `cfg` gives replace the default whole; the rest merge key by key."""
+    from omegaconf import OmegaConf
+
+    from negagent.config import compose, plain
+
+    given = plain(cfg)
+    defaults = compose("generate")
+    merged = plain(OmegaConf.merge(OmegaConf.create({k: v for k, v in defaults.items() if k not in given or k not in _WHOLE_SECTIONS}),
+                                   OmegaConf.create({k: v for k, v in given.items() if k not in _WHOLE_SECTIONS})))
+    merged.update({k: given[k] for k in _WHOLE_SECTIONS if k in given})
+    return merged
 
 
 def protocol_settings(protocol: Mapping[str, Any]) -> tuple[list[float], int, str]:
@@ -261,17 +253,14 @@ def _build_teacher(cfg: Mapping[str, Any], task, label: str):
     from negagent.backends import build_backend
 
     teacher = {**cfg["teacher"], "label": label}
-    if teacher.get("name") == "hf":
-        from negagent.models import load_model, load_tokenizer
-        from negagent.render import Renderer
+    source = None
+    if teacher.get("name") in ("hf", "vllm"):
+        from negagent.model_source import base_model
 
         if not cfg.get("model"):
-            raise NegagentError("teacher=hf needs a model config (model=...)")
-        render = cfg.get("render") or {}
-        renderer = Renderer(load_tokenizer(cfg["model"]), max_length=int(render.get("max_length", 4096)),
-                            end_of_turn=render.get("end_of_turn"))
-        return build_backend(teacher, model=load_model(cfg["model"]), renderer=renderer, task=task)
-    return build_backend(teacher, task=task)
+            raise NegagentError(f"backend@teacher={teacher['name']} needs a model config (model=...)")
+        source = base_model(cfg["model"], {"strategy": "none"}, cfg.get("render") or {})
+    return build_backend(teacher, task=task, source=source, render_cfg=cfg.get("render"))
 
 
 def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None) -> dict:
@@ -324,7 +313,7 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
         "tools": list(task.tools),
         "tool_backend": (tools_cfg.get("search") or {}).get("backend") if "search" in task.tools else None,
         "prompt": hashlib.sha256(task.instructions.encode()).hexdigest()[:12],
-        "instructions_role": render.get("instructions_role", "system"),
+        "instructions_role": instructions_role(render),
     }
     # The teacher is built before anything is written: a wrong URL, model or key leaves no trace.
     teacher = None
@@ -339,8 +328,9 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
                 if keeper.admit(traj):
                     kept_writer.write(traj)
             if n_pending:
-                collected = _run(cfg, task, teacher, pending, temperatures, per_temperature, seed, generation,
-                                 call_tool, provenance, all_writer, kept_writer, keeper, n_pending)
+                plan = _Plan(task, teacher, call_tool, pending, temperatures, per_temperature, seed, generation,
+                             instructions_role(render), provenance)
+                collected = _run(plan, all_writer, kept_writer, keeper)
     finally:
         usage = dict(getattr(teacher, "stats", {}) or {})
         if teacher is not None and backend is None and hasattr(teacher, "close"):
@@ -350,29 +340,49 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
     return stats
 
 
-def _run(cfg, task, teacher, pending, temperatures, per_temperature, seed, generation, call_tool,
-         provenance, all_writer, kept_writer, keeper, n_pending) -> int:
+@dataclass
+class _Plan:
+    """What a collection run still has to do, and with what: the questions each sample index lacks,
+    the teacher and tools, and the protocol's sampling settings."""
+
+    task: Any
+    teacher: Any
+    call_tool: Callable[[str, str], tuple[str, bool]]
+    pending: dict[int, list]  # sample index -> questions without that sample yet
+    temperatures: list[float]
+    per_temperature: int
+    seed: int
+    generation: dict
+    instructions_role: str
+    provenance: dict
+
+    @property
+    def n_pending(self) -> int:
+        return sum(len(qs) for qs in self.pending.values())
+
+    def sampling(self, sample: int) -> Sampling:
+        return Sampling(
+            temperature=self.temperatures[sample // self.per_temperature],
+            max_new_tokens=int(self.generation.get("max_new_tokens", 256)),
+            top_p=float(self.generation.get("top_p", 1.0)),
+            seed=self.seed * _SEED_STRIDE + sample,
+        )
+
+
+def _run(plan: _Plan, all_writer, kept_writer, keeper) -> int:
     from tqdm import tqdm
 
-    chunk = int(generation.get("chunk_size") or 256)
-    max_turns = int(cfg["task"].get("max_turns", 7))
+    chunk = int(plan.generation.get("chunk_size") or 256)
     collected = 0
-    bar = tqdm(total=n_pending, desc=f"collecting ({teacher.name})", unit="ep",
-               disable=not generation.get("progress", True), dynamic_ncols=True)
+    bar = tqdm(total=plan.n_pending, desc=f"collecting ({plan.teacher.name})", unit="ep",
+               disable=not plan.generation.get("progress", True), dynamic_ncols=True)
     try:
-        for sample, questions in pending.items():
-            sampling = Sampling(
-                temperature=temperatures[sample // per_temperature],
-                max_new_tokens=int(generation.get("max_new_tokens", 256)),
-                top_p=float(generation.get("top_p", 1.0)),
-                seed=seed * _SEED_STRIDE + sample,
-            )
+        for sample, questions in plan.pending.items():
             for start in range(0, len(questions), chunk):
                 jobs = [(q, sample) for q in questions[start:start + chunk]]
                 for traj in run_episodes(
-                    teacher, task, jobs, call_tool, sampling=sampling, max_turns=max_turns, tag=None,
-                    instructions_role=(cfg.get("render") or {}).get("instructions_role", "system"),
-                    provenance=provenance,
+                    plan.teacher, plan.task, jobs, plan.call_tool, sampling=plan.sampling(sample), tag=None,
+                    instructions_role=plan.instructions_role, provenance=plan.provenance,
                 ):
                     all_writer.write(traj)
                     if keeper.admit(traj):
