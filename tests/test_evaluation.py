@@ -11,11 +11,13 @@ import random
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 import negagent
 from negagent.errors import NegagentError
@@ -26,6 +28,10 @@ from negagent.tagging import tag_modes
 from negagent.metrics import mean_ci, paired_comparison, pass_at_k, pass_at_ks
 from negagent.tasks import get_task
 from tests.helpers import TINY_MODEL, assert_one_line_error, make_traj
+
+# tqdm guards its bars with a lock shared between processes by default; a forked test process killed
+# while holding it (a timeout in a mutation run) would hang every later one. Keep it process-local.
+tqdm.set_lock(threading.RLock())
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = {"strategy": "prefix", "positive": "Solve it correctly.", "negative": "Fail at it."}

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import bm25s
+import httpx
 import pytest
 
 from negagent.errors import NegagentError
 from negagent.tools import BM25Search, SerperSearch, ToolCache, build_corpus, build_toolbox
-from negagent.tools.search import NO_RESULTS, format_passages
+from negagent.tools.search import NO_RESULTS, SERPER_URL, build_search_backend, format_passages
 from tests.servers import free_port
 
 OBSERVATION = re.compile(r"^#1: (?P<p1>.+) #2: (?P<p2>.+) #3: (?P<p3>.+)$")
@@ -63,31 +65,60 @@ def _write_mini_data(root: Path) -> None:
 
 
 def test_build_corpus_reads_every_format_and_dedupes(tmp_path: Path) -> None:
+    """Whole paragraphs first (files in path order), then the evidence sentences not inside one."""
     _write_mini_data(tmp_path)
-    assert sorted(build_corpus(tmp_path)) == sorted(
-        [
-            "Alpha | Alpha is a letter. It comes first.",
-            "Beta | Beta follows alpha.",
-            "Gamma | Gamma is third. Greek.",
-            "Delta | Delta is a river mouth.",
-            "Epsilon | Epsilon is fifth. Small e.",
-            "Zeta is sixth.",
-            "Eta | Eta is seventh.",
-            "Theta | Theta is eighth.",
-            "Kappa | Kappa is tenth.",
-            "Lambda | Lambda is eleventh. Lambda is Greek.",
-        ]
-    )
+    assert build_corpus(tmp_path) == [
+        "Theta | Theta is eighth.",
+        "Eta | Eta is seventh.",
+        "Delta | Delta is a river mouth.",
+        "Alpha | Alpha is a letter. It comes first.",
+        "Beta | Beta follows alpha.",
+        "Gamma | Gamma is third. Greek.",
+        "Epsilon | Epsilon is fifth. Small e.",
+        "Zeta is sixth.",
+        "Kappa | Kappa is tenth.",
+        "Lambda | Lambda is eleventh. Lambda is Greek.",
+    ]
+
+
+def test_build_corpus_odd_records(tmp_path: Path) -> None:
+    """A file holding one record, non-record items, empty evidence, " | " inside a sentence,
+    hyphenated StrategyQA titles, and evidence ids that do not match the sentences."""
+    hotpot = tmp_path / "hotpotqa_context"
+    for folder in ("single", "mixed", "ecm"):
+        (hotpot / folder).mkdir(parents=True)
+    (tmp_path / "strategyqa_evidence").mkdir()
+    (hotpot / "single" / "one.json").write_text(json.dumps({"question": "q", "context": [["Nu", ["Nu is 13th."]]]}))
+    (hotpot / "mixed" / "x.json").write_text(json.dumps([5, "text", {"context": [["Xi", ["Xi is 14th."]]]}]))
+    ecm = [{"evidence": []}, {"evidence": ["Omicron | It reads O | o.", "Omicron | Round."]}]
+    (hotpot / "ecm" / "test.json").write_text(json.dumps(ecm))
+    strategyqa = [
+        {"evidence": [[[["Spider-Man-3"]]]], "golden_sentence": [["Spider-Man is a hero."]]},
+        # Two steps of sentences but one step of ids: the sentences stand alone, untitled.
+        {"evidence": [[[["Pi-1"]]]], "golden_sentence": [["Pi is a number."], ["Rho follows pi."]]},
+    ]
+    (tmp_path / "strategyqa_evidence" / "train.json").write_text(json.dumps(strategyqa))
+    assert build_corpus(tmp_path) == [
+        "Xi | Xi is 14th.",
+        "Nu | Nu is 13th.",
+        "Omicron | It reads O | o. Round.",
+        "Spider-Man | Spider-Man is a hero.",
+        "Pi is a number.",
+        "Rho follows pi.",
+    ]
 
 
 def test_bm25_on_a_small_corpus_caches_and_rebuilds_on_change(tmp_path: Path) -> None:
-    data, cache = tmp_path / "data", tmp_path / "cache"
+    data, cache = tmp_path / "data", tmp_path / "cache" / "deeper"  # made with its parents
     _write_mini_data(data)
     search = BM25Search(data, cache)
-    assert search.built
+    assert search.built and (search.top_k, search.max_chars) == (3, 400)
+    assert re.fullmatch(r"bm25-[0-9a-f]{16}", search.index_dir.name) and search.index_dir.parent == cache
+    assert re.fullmatch(rf"bm25s-{re.escape(bm25s.__version__)}:corpus-[0-9a-f]{{16}}:k3:chars400", search.identity)
     # Only passages sharing a word with the query are returned, best first.
     assert search.search("river mouth") == "#1: Delta | Delta is a river mouth."
     assert search.search("qwxyz") == NO_RESULTS
+    assert search.search("it is a") == NO_RESULTS  # stop words only: nothing to look for
     assert [p.name for p in cache.glob("bm25-*")] == [search.index_dir.name]
     again = BM25Search(data, cache)
     assert not again.built and again.identity == search.identity
@@ -97,6 +128,21 @@ def test_bm25_on_a_small_corpus_caches_and_rebuilds_on_change(tmp_path: Path) ->
     assert sorted(p.name for p in cache.glob("bm25-*")) == sorted([search.index_dir.name, changed.index_dir.name])
     assert changed.identity != search.identity
     assert changed.search("twelfth") == "#1: Mu | Mu is twelfth."
+
+
+def test_bm25_needs_a_writable_cache(tmp_path: Path) -> None:
+    _write_mini_data(tmp_path / "data")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NegagentError) as err:
+        BM25Search(tmp_path / "data", tmp_path / "file" / "cache")
+    assert str(err.value) == (f"cannot write the search index under {tmp_path / 'file' / 'cache'} (Not a directory): "
+                              "set search.cache_dir to a writable folder")
+
+
+def test_bm25_needs_a_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(NegagentError) as err:
+        BM25Search(None, tmp_path)
+    assert str(err.value) == "search.backend=bm25 needs search.data_dir: set it to the data directory"
 
 
 @pytest.mark.parametrize(
@@ -228,9 +274,16 @@ class _FakeSerper(BaseHTTPRequestHandler):
         _FakeSerper.received.append((self.path, self.headers.get("X-API-KEY"), body))
         if self.path == "/slow":
             _FakeSerper.release.wait(timeout=120)
-        status = {"/search": 200, "/slow": 200, "/denied": 403, "/broken": 500, "/garbage": 200}[self.path]
+        status = {"/search": 200, "/slow": 200, "/denied": 403, "/unauthorized": 401, "/broken": 500,
+                  "/garbage": 200, "/snippet": 200, "/odd": 200, "/list": 200}[self.path]
         if self.path == "/garbage":
             payload = b"<html>not json</html>"
+        elif self.path == "/snippet":  # a direct answer given as a snippet
+            payload = json.dumps({"answerBox": {"snippet": "Boxed."}, "organic": [{"snippet": "First."}]}).encode()
+        elif self.path == "/odd":  # entries of the wrong shape are skipped
+            payload = json.dumps({"answerBox": "text", "organic": ["x", {"title": "no snippet"}, {"snippet": "Ok."}]}).encode()
+        elif self.path == "/list":
+            payload = b"[]"
         else:
             payload = json.dumps(
                 {
@@ -287,6 +340,10 @@ def test_serper_formats_answer_and_snippets(monkeypatch: pytest.MonkeyPatch, fak
     "path, expected",
     [
         ("/denied", "Error: search service answered HTTP 403; check the key in NEGAGENT_TEST_SERPER_KEY"),
+        ("/unauthorized", "Error: search service answered HTTP 401; check the key in NEGAGENT_TEST_SERPER_KEY"),
+        ("/snippet", "#1: Boxed. #2: First."),
+        ("/odd", "#1: Ok."),
+        ("/list", NO_RESULTS),
         ("/broken", "Error: search service answered HTTP 500"),
         ("/garbage", "Error: search service answered with invalid JSON"),
         ("/slow", "Error: search timed out after 0.2 s"),
@@ -296,6 +353,43 @@ def test_serper_failures_are_error_observations(
     monkeypatch: pytest.MonkeyPatch, fake_serper: str, path: str, expected: str
 ) -> None:
     assert _serper(monkeypatch, fake_serper + path, timeout_s=0.2).search("q") == expected
+
+
+def test_serper_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERPER_API_KEY", KEY)
+    backend = SerperSearch()
+    assert (backend.top_k, backend.max_chars, backend.url, backend.api_key_env, backend.timeout_s) == (
+        3, 400, SERPER_URL, "SERPER_API_KEY", 10.0)
+    assert backend._client.timeout == httpx.Timeout(10.0)  # the timeout reaches the HTTP client
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    ({"backend": "serper"}, (3, 400, SERPER_URL, "SERPER_API_KEY", 10.0)),
+    ({"backend": "serper", "top_k": 1, "max_chars": 1,
+      "serper": {"url": "http://127.0.0.1:1/s", "api_key_env": "NEGAGENT_TEST_SERPER_KEY", "timeout_s": 2}},
+     (1, 1, "http://127.0.0.1:1/s", "NEGAGENT_TEST_SERPER_KEY", 2.0)),
+])
+def test_build_search_backend_serper(monkeypatch: pytest.MonkeyPatch, cfg: dict, expected: tuple) -> None:
+    monkeypatch.setenv("SERPER_API_KEY", KEY)
+    monkeypatch.setenv("NEGAGENT_TEST_SERPER_KEY", KEY)
+    backend = build_search_backend(cfg)
+    assert isinstance(backend, SerperSearch)
+    assert (backend.top_k, backend.max_chars, backend.url, backend.api_key_env, backend.timeout_s) == expected
+    assert backend._client.timeout == httpx.Timeout(expected[-1])
+
+
+def test_build_search_backend_bm25_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bm25 is the default backend, k=3 and 400 characters, its index in ~/.cache/negagent."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _write_mini_data(tmp_path / "data")
+    backend = build_search_backend({"data_dir": str(tmp_path / "data")})
+    assert isinstance(backend, BM25Search) and (backend.top_k, backend.max_chars) == (3, 400)
+    assert backend.index_dir.parent == tmp_path / "home" / ".cache" / "negagent"
+    custom = build_search_backend({"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "c"), "top_k": 1})
+    assert (custom.top_k, custom.index_dir.parent) == (1, tmp_path / "c")
+    with pytest.raises(NegagentError) as err:
+        build_search_backend({"backend": "bing"})
+    assert str(err.value) == "unknown search.backend 'bing': use bm25 or serper"
 
 
 def test_serper_unreachable_is_an_error_observation(monkeypatch: pytest.MonkeyPatch) -> None:
