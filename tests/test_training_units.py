@@ -98,6 +98,7 @@ def test_paper_global_batch_of_64_over_world_sizes(world_size, grad_accum):
     64 / (4 x ranks) micro-batches; DeepSpeed is told the same."""
     trainer = composed("trainer=paper")["trainer"]
     assert (trainer["global_batch_size"], trainer["per_device_batch_size"]) == (64, 4)
+    assert type(training.resolve_grad_accum(trainer, world_size)) is int
     assert training.resolve_grad_accum(trainer, world_size) == grad_accum
     ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=False)
     assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (grad_accum, grad_accum * world_size)
@@ -125,6 +126,14 @@ def test_bf16_setting(setting, expected):
     """auto means bf16 only on a CUDA GPU that has it (this machine has none); true/false as given."""
     assert not torch.cuda.is_available()
     assert training.resolve_bf16(setting) is expected
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_auto_on_a_gpu(monkeypatch, has_bf16):
+    """On a CUDA GPU, auto follows whether the GPU has bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: has_bf16)
+    assert training.resolve_bf16("auto") is has_bf16
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -159,7 +168,7 @@ def test_every_trainer_preset_passes_the_checks():
 def test_training_arguments_carry_the_trainer_config(tmp_path):
     """One process without DeepSpeed: every trainer setting reaches the HF TrainingArguments as given."""
     cfg = composed("debug=smoke", "seed=11", "trainer.grad_accum=3", "trainer.epochs=2", "trainer.max_steps=7", "trainer.lr=3e-4",
-                   "trainer.scheduler=linear", "trainer.warmup_ratio=0.1", "trainer.weight_decay=0.01", "trainer.max_grad_norm=0.5",
+                   "trainer.scheduler=constant", "trainer.warmup_ratio=0.1", "trainer.weight_decay=0.01", "trainer.max_grad_norm=0.5",
                    "trainer.save_steps=5", "trainer.save_total_limit=3", "trainer.logging_steps=2",
                    "trainer.gradient_checkpointing=true")
     args = training.training_arguments(cfg, tmp_path, world_size=1)
@@ -176,9 +185,52 @@ def test_training_arguments_carry_the_trainer_config(tmp_path):
         "logging_steps": 2, "logging_first_step": True, "seed": 11, "data_seed": 11, "deepspeed": None, "use_cpu": True,
         "ddp_backend": None, "dataloader_num_workers": 0, "remove_unused_columns": False, "disable_tqdm": False,
     }
-    assert (args.lr_scheduler_type, args.save_strategy, args.report_to) == ("linear", "steps", [])
+    assert (args.lr_scheduler_type, args.save_strategy, args.report_to) == ("constant", "steps", [])
     off = training.training_arguments(composed("debug=smoke"), tmp_path, world_size=1)
     assert (off.activation_checkpointing, off.activation_checkpointing_kwargs) == (False, None)
+
+
+class _Arguments:
+    """Records what training_arguments passes to transformers.TrainingArguments."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+_COMMON = {"per_device_train_batch_size": 1, "num_train_epochs": 1.0, "max_steps": 2, "learning_rate": 2e-4,
+           "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
+           "activation_checkpointing": False, "activation_checkpointing_kwargs": None, "save_strategy": "steps",
+           "save_steps": 20, "save_total_limit": 2, "logging_steps": 5, "logging_first_step": True, "report_to": "none",
+           "seed": 0, "data_seed": 0, "dataloader_num_workers": 0, "remove_unused_columns": False, "disable_tqdm": False}
+
+
+@pytest.mark.parametrize("trainer, world_size, bf16, expected", [
+    ("lora", 2, "true", {"gradient_accumulation_steps": 1, "bf16": True, "deepspeed": None, "use_cpu": True, "ddp_backend": "gloo"}),
+    ("zero2", 1, "false", {"gradient_accumulation_steps": 1, "bf16": False, "use_cpu": False, "ddp_backend": None,
+                          "deepspeed": {"grad_accum": 1, "world_size": 1}}),
+    ("zero3", 2, "false", {"gradient_accumulation_steps": 1, "bf16": False, "use_cpu": False, "ddp_backend": "gloo",
+                          "deepspeed": {"grad_accum": 1, "world_size": 2}, "accelerator_config": {"use_configured_state": True}}),
+    ("paper", 4, "auto", {"gradient_accumulation_steps": 4, "bf16": False, "use_cpu": False, "ddp_backend": "gloo",
+                         "deepspeed": {"grad_accum": 4, "world_size": 4}, "accelerator_config": {"use_configured_state": True}}),
+])
+def test_training_arguments_on_cpu_ranks(tmp_path, monkeypatch, trainer, world_size, bf16, expected):
+    """Exactly what reaches the Trainer on CPU: several ranks talk over gloo; with DeepSpeed the JSON
+    (for the resolved grad_accum and ranks) replaces use_cpu, and several DeepSpeed ranks run on
+    accelerate's state set up beforehand (use_configured_state)."""
+    import transformers
+
+    prepared = []
+    monkeypatch.setattr(transformers, "TrainingArguments", _Arguments)
+    monkeypatch.setattr(training, "_deepspeed_state_on_cpu", lambda: prepared.append(True))
+    monkeypatch.setattr(deepspeed_config, "build", lambda t, world_size, bf16: None if not t.get("deepspeed") else
+                        {"grad_accum": t["grad_accum"], "world_size": world_size})
+    cfg = composed("debug=smoke", f"trainer={trainer}", f"trainer.bf16={bf16}", "trainer.max_steps=2", "trainer.lr=2e-4",
+                   "trainer.epochs=1", "trainer.scheduler=cosine", "trainer.warmup_ratio=0.03", "trainer.weight_decay=0",
+                   "trainer.max_grad_norm=1", "trainer.save_steps=20", "trainer.save_total_limit=2", "trainer.logging_steps=5",
+                   "trainer.gradient_checkpointing=false")
+    got = training.training_arguments(cfg, tmp_path, world_size=world_size).kwargs
+    assert got == {**_COMMON, "output_dir": str(tmp_path / "checkpoints"), **expected}
+    assert prepared == ([True] if "accelerator_config" in expected else [])
 
 
 def test_samples_digest_covers_ids_tokens_and_labels_in_order():
@@ -240,10 +292,17 @@ def test_lora_model_trains_only_the_adapter_with_the_configured_shape():
     """trainer.method=lora wraps the model with LoRA of the configured rank, alpha, dropout and target
     modules; only the adapter is trainable; the KV cache is off for training."""
     cfg = {"model": {**TINY_MODEL, "lora_target_modules": ["q_proj", "v_proj"]},
-           "trainer": {"method": "lora", "gradient_checkpointing": True, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}}
-    model = training.build_model(cfg)
+           "trainer": {"method": "lora", "gradient_checkpointing": True, "lora": {"r": 4, "alpha": 16, "dropout": 0.1}}}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = training.build_model(cfg)
+    # peft's use of a deprecated transformers property is silenced: nothing a user could change.
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     lora = model.peft_config["default"]
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 8, 0.1, {"q_proj", "v_proj"})
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 16, 0.1, {"q_proj", "v_proj"})
+    assert lora.task_type == "CAUSAL_LM" and type(model).__name__ == "PeftModelForCausalLM"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}  # ...q_proj.lora_A.default.weight
@@ -296,6 +355,17 @@ def test_all_reduce_without_ranks_is_the_tensor_itself():
     assert torch.equal(training._all_reduce_sum(t), t)
 
 
+def test_all_reduce_with_ranks_sums_a_copy(monkeypatch):
+    """With a process group, the counts are summed over ranks, into a copy (the rank's own counts stay)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))  # as if two ranks held the same counts
+    t = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(training._all_reduce_sum(t), torch.tensor([4.0, 6.0], dtype=torch.float64))
+    assert torch.equal(t, torch.tensor([2.0, 3.0], dtype=torch.float64))
+
+
 def test_changed_training_data_is_refused_on_resume(tmp_path):
     """A rank re-renders the data; when it no longer matches the run's manifest digest, the run stops
     with a one-line error instead of resuming on other data."""
@@ -313,6 +383,18 @@ def test_changed_training_data_is_refused_on_resume(tmp_path):
         training._samples(cfg, run_dir)
     assert str(raised.value) == (f"{run_dir}/manifest.json: the training data changed since this run started "
                                  f"({trajectories}); start a new run directory")
+
+
+def test_ranks_render_with_the_run_render_settings(tmp_path):
+    """The rank's samples use the run's render.max_length and render.end_of_turn."""
+    trajectories = tmp_path / "arith.jsonl"
+    write_trajectories(trajectories, [make_traj(i, True, turns=3) for i in range(2)])
+    cfg = composed("debug=smoke", f"data.trajectories={trajectories}", "render.max_length=260")  # samples are 279 tokens
+    samples, _ = training._samples(cfg, tmp_path)
+    assert [(len(s.input_ids), s.truncated) for s in samples] == [(260, True), (260, True)]
+    cfg["render"]["end_of_turn"] = "<|endoftext|>"  # a token SmolLM2's template never ends a turn with
+    with pytest.raises(NegagentError, match="end-of-turn token '<\\|endoftext\\|>' not found after turn 2"):
+        training._samples(cfg, tmp_path)
 
 
 # -- training: the recipe in this process -------------------------------------------------------------
@@ -551,6 +633,10 @@ def test_tensor_digest_covers_names_dtypes_shapes_and_bytes():
 @pytest.mark.parametrize("override, expected", [
     ("+collect.teacher.api_key=sk-abcdefgh12345", f"+collect.teacher.api_key={REDACTED}"),
     ("logger.token=plainvalue", f"logger.token={REDACTED}"),
+    ("+collect.teacher.api_key=plain", f"+collect.teacher.api_key={REDACTED}"),
+    ("+backend.auth.password=plain", f"+backend.auth.password={REDACTED}"),  # the last key component decides
+    ("+token=plain", f"+token={REDACTED}"),
+    ("+backend.secret=a=b", f"+backend.secret={REDACTED}"),
     ("+hf_token='quoted value'", f"+hf_token={REDACTED}"),
     ("~backend.password=x", f"~backend.password={REDACTED}"),
     ("logger.notes=sk-abcdefgh12345", f"logger.notes={REDACTED}"),
@@ -572,12 +658,12 @@ def test_resolved_config_redacts_secrets_in_values_overrides_and_name(tmp_path):
     """The frozen config: resolved, secrets redacted everywhere (config values, the overrides, the run's
     name and group), and the name and group built without the excluded keys."""
     cfg = OmegaConf.create({"seed": 1, "lr": "${seed}", "teacher": {"api_key": "sk-abcdefgh12345", "api_key_env": "K"}})
-    overrides = ["seed=1", "+teacher.api_key=sk-abcdefgh12345", "data.trajectories=/x.jsonl", "hydra.run.dir=/r"]
-    resolved = launch.resolve_config(cfg, overrides, tmp_path, name_excludes=("data.trajectories",))
+    overrides = ["seed=1", "+teacher.api_key=sk-abcdefgh12345", "+data.trajectories=/x=1.jsonl", "~data.cache=a", "hydra.run.dir=/r"]
+    resolved = launch.resolve_config(cfg, overrides, tmp_path, name_excludes=("data.trajectories", "data.cache"))
     assert resolved == {
         "seed": 1, "lr": 1, "teacher": {"api_key": REDACTED, "api_key_env": "K"},
-        "run": {"dir": str(tmp_path), "overrides": ["seed=1", f"+teacher.api_key={REDACTED}", "data.trajectories=/x.jsonl",
-                                                   "hydra.run.dir=/r"],
+        "run": {"dir": str(tmp_path), "overrides": ["seed=1", f"+teacher.api_key={REDACTED}", "+data.trajectories=/x=1.jsonl",
+                                                   "~data.cache=a", "hydra.run.dir=/r"],
                 "name": f"seed=1,+teacher.api_key={REDACTED}", "group": f"+teacher.api_key={REDACTED}"},
     }
 
@@ -588,14 +674,14 @@ def test_hydra_copies_of_the_run_are_redacted(tmp_path):
     secret = "+teacher.api_key=sk-abcdefgh12345"
     folder = tmp_path / ".hydra"
     folder.mkdir()
-    (folder / "config.yaml").write_text("seed: 1\nteacher:\n  api_key: sk-abcdefgh12345\n  name: scripted\n")
+    (folder / "config.yaml").write_text("seed: 1\nteacher:\n  name: scripted\n  api_key: sk-abcdefgh12345\n")
     (folder / "overrides.yaml").write_text(f"- seed=1\n- {secret}\n")
     (folder / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"override_dirname": f"{secret},seed=1"},
                                                                   "overrides": {"task": ["seed=1", secret]}}}))
     clean = "run:\n  dir: x\n"
     (folder / "other.yaml").write_text(clean)
     launch.redact_hydra_files(folder, ["seed=1", secret])
-    assert yaml.safe_load((folder / "config.yaml").read_text()) == {"seed": 1, "teacher": {"api_key": REDACTED, "name": "scripted"}}
+    assert (folder / "config.yaml").read_text() == f"seed: 1\nteacher:\n  name: scripted\n  api_key: {REDACTED}\n"  # order kept
     assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["seed=1", f"+teacher.api_key={REDACTED}"]
     assert yaml.safe_load((folder / "hydra.yaml").read_text()) == {"hydra": {
         "job": {"override_dirname": f"+teacher.api_key={REDACTED},seed=1"},
@@ -609,6 +695,8 @@ def test_hydra_copies_of_the_run_are_redacted(tmp_path):
 def test_finished_run_dir_is_refused_before_hydra_writes(tmp_path):
     """hydra.run.dir naming a run that marked itself finished (done.json) is a one-line error; an
     unfinished one (trained, not yet evaluated) and other arguments pass."""
+    tmp_path = tmp_path / "seed=1"  # Hydra's sweep folders are named like overrides
+    tmp_path.mkdir()
     (tmp_path / "done").write_text("")
     launch.refuse_finished_run_dir([f"hydra.run.dir={tmp_path}", "seed=1"])
     (tmp_path / "done.json").write_text("{}")
@@ -651,11 +739,17 @@ def test_first_difference_names_the_path():
     assert launch._first_difference({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == "a.c"
     assert launch._first_difference(1, 2) == "<root>"
     assert launch._first_difference({1: "x"}, {1: "y"}) == "1"
+    assert launch._first_difference({"a": 1}, 5) == "<root>" and launch._first_difference(None, {"a": 1}) == "<root>"
+    assert launch._first_difference({"b": 1, 2: "x"}, {"b": 2, 2: "y"}) == "2"  # keys of mixed types, ordered as text
 
 
 def test_nproc_must_fit_the_machine(monkeypatch):
     """Ranks are bounded by the GPUs, else the CPU cores this process may use."""
     assert launch.available_slots() == (len(os.sched_getaffinity(0)), "CPU cores")
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "device_count", lambda: 3)
+        assert launch.available_slots() == (3, "GPUs")
     monkeypatch.setattr(launch, "available_slots", lambda: (4, "CPU cores"))
     launch.check_nproc(1)
     launch.check_nproc(4)
@@ -679,14 +773,16 @@ def test_one_rank_without_deepspeed_trains_in_this_process(tmp_path, monkeypatch
     assert calls == [(resolved, tmp_path)]
 
 
-@pytest.mark.parametrize("trainer", [{"nproc_per_node": 2, "deepspeed": None}, {"nproc_per_node": 1, "deepspeed": "zero2"}])
-def test_ranks_are_started_with_torchrun_and_checked(tmp_path, monkeypatch, trainer):
+@pytest.mark.parametrize("trainer, slots, threads", [({"nproc_per_node": 2, "deepspeed": None}, 8, "4"),
+                                                     ({"nproc_per_node": 1, "deepspeed": "zero2"}, 3, "3"),
+                                                     ({"nproc_per_node": 3, "deepspeed": "zero3"}, 2, "1")])
+def test_ranks_are_started_with_torchrun_and_checked(tmp_path, monkeypatch, trainer, slots, threads):
     """Several ranks, or DeepSpeed: torchrun ranks on this repository with DeepSpeed's CPU accelerator
     and the cores shared out; a failed rank, or ranks that leave no verified save, are errors."""
     started = []
     rc = {"value": 0}
     monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: started.append((cmd, env)) or rc["value"])
-    monkeypatch.setattr(launch, "available_slots", lambda: (8, "CPU cores"))
+    monkeypatch.setattr(launch, "available_slots", lambda: (slots, "CPU cores"))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
@@ -698,7 +794,7 @@ def test_ranks_are_started_with_torchrun_and_checked(tmp_path, monkeypatch, trai
     cmd, env = started[0]
     assert cmd == launch.rank_command(tmp_path, nproc)
     assert env["PYTHONPATH"] == f"{launch.REPO_ROOT}{os.pathsep}/elsewhere"
-    assert (env["DS_ACCELERATOR"], env["OMP_NUM_THREADS"]) == ("cpu", str(8 // nproc))
+    assert (env["DS_ACCELERATOR"], env["OMP_NUM_THREADS"]) == ("cpu", threads)
     (tmp_path / "done").write_text("")
     launch.run(tmp_path, resolved)
     rc["value"] = 3
@@ -829,23 +925,24 @@ def test_manifest_describes_the_samples(tmp_path, renderer):
     test_question = task.test_sets()["arith"][0].question
     path = tmp_path / "arith.jsonl"
     write_trajectories(path, [make_traj(0, True, question=test_question), make_traj(1, False, question=test_question),
-                              make_traj(2, True, turns=3), make_traj(3, False)])
+                              make_traj(2, True, turns=3), make_traj(3, False), make_traj(4, True)])
     cfg = _data_cfg(path)
     samples, manifest = data.prepare(cfg, task, renderer)
     tags = cfg["tagging"]
-    assert sorted(s.id for s in samples) == ["t0", "t1", "t2", "t3"]
+    assert sorted(s.id for s in samples) == ["t0", "t1", "t2", "t3", "t4"]
     by_id = {s.id: s for s in samples}
-    positive = [by_id["t0"], by_id["t2"]]
+    positive = [by_id["t0"], by_id["t2"], by_id["t4"]]
     negative = [by_id["t1"], by_id["t3"]]
 
     def stats(group):
         tokens, trained = sum(len(s.input_ids) for s in group), sum(s.n_trained for s in group)
-        return {"samples": 2, "tokens": tokens, "trained_tokens": trained, "trained_share": round(trained / tokens, 4), "truncated": 0}
+        return {"samples": len(group), "tokens": tokens, "trained_tokens": trained, "trained_share": round(trained / tokens, 4),
+                "truncated": 0}
 
     assert manifest == {
         "trajectories": str(path), "trajectories_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "task": "arith",
-        "strategy": "suffix", "inference_tag": tags["positive"], "available": {"positive": 2, "negative": 2},
-        "skipped_bad_lines": 0, "torn_tail": False, "tags": {tags["positive"]: 2, tags["negative"]: 2},
+        "strategy": "suffix", "inference_tag": tags["positive"], "available": {"positive": 3, "negative": 2},
+        "skipped_bad_lines": 0, "torn_tail": False, "tags": {tags["positive"]: 3, tags["negative"]: 2},
         "samples": {"positive": stats(positive), "negative": stats(negative)},
         "test_overlap": {"questions": 1, "test_questions": 8, "train_trajectories": 2, "dropped": False},
     }
@@ -854,8 +951,39 @@ def test_manifest_describes_the_samples(tmp_path, renderer):
     assert f"<|im_start|>user\nQuestion: What is 3?\n{tags['negative']}<|im_end|>" in text
 
     dropped, manifest = data.prepare(_data_cfg(path, drop_test_overlap=True), task, renderer)
-    assert sorted(s.id for s in dropped) == ["t2", "t3"] and manifest["test_overlap"]["dropped"] is True
-    assert manifest["available"] == {"positive": 1, "negative": 1}
+    assert sorted(s.id for s in dropped) == ["t2", "t3", "t4"] and manifest["test_overlap"]["dropped"] is True
+    assert manifest["available"] == {"positive": 2, "negative": 1}
+    no_overlap = tmp_path / "no_overlap.jsonl"
+    write_trajectories(no_overlap, [make_traj(2, True), make_traj(3, False)])
+    _, manifest = data.prepare(_data_cfg(no_overlap, drop_test_overlap=True), task, renderer)
+    assert manifest["test_overlap"] == {"questions": 0, "test_questions": 8, "train_trajectories": 0, "dropped": False}
+
+
+def test_frozen_config_without_instructions_role_uses_the_system_turn(tmp_path, renderer):
+    """A run config from before render.instructions_role existed renders the instructions as the system turn."""
+    from negagent.tasks import get_task
+
+    task = get_task({"name": "arith", "limit_test": 2})
+    path = tmp_path / "arith.jsonl"
+    write_trajectories(path, [make_traj(5, True)])
+    cfg = _data_cfg(path)
+    del cfg["render"]["instructions_role"]
+    samples, _ = data.prepare(cfg, task, renderer)
+    text = renderer.tokenizer.decode(samples[0].input_ids)
+    assert f"<|im_start|>system\n{task.instructions}<|im_end|>\n<|im_start|>user\nQuestion: What is 5?\n" in text
+
+
+def test_trajectories_of_another_task_are_refused(tmp_path, renderer):
+    from negagent.tasks import get_task
+
+    path = tmp_path / "hotpot.jsonl"
+    traj = make_traj(0, True)
+    traj.task = "hotpotqa"
+    write_trajectories(path, [traj])
+    with pytest.raises(NegagentError) as raised:
+        data.prepare(_data_cfg(path), get_task({"name": "arith", "limit_test": 2}), renderer)
+    assert str(raised.value) == (f"{path}:1: trajectory is for task 'hotpotqa', but this run's task is 'arith'; pass a file "
+                                 "collected for 'arith' or set task=hotpotqa")
 
 
 def test_instructions_in_the_user_turn(tmp_path, renderer):
@@ -958,7 +1086,8 @@ def test_base_model_is_evaluated_untagged_with_the_run_settings(tmp_path, monkey
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda cfg, out_dir: seen.append((OmegaConf.to_container(cfg), out_dir)) or {"ok": 1})
     resolved = composed("debug=smoke", "tagging=suffix", "render.instructions_role=user")
-    overrides = {"sampling": {"max_new_tokens": 9}, "task": {"limit_test": 3}, "tag_mode": "all"}
+    overrides = {"sampling": {"max_new_tokens": 9}, "task": {"limit_test": 3}, "tag_mode": "all", "run_dir": "/a/run",
+                 "tagging": {"strategy": "prefix"}}
     assert baseline.evaluate_base(resolved, overrides, tmp_path / "eval_base") == {"ok": 1}
     (cfg, out_dir), = seen
     assert out_dir == tmp_path / "eval_base"
@@ -1013,15 +1142,15 @@ def test_incomplete_model_files_are_not_a_model(tmp_path, files):
 
 def test_run_without_final_weights_names_its_checkpoints(tmp_path):
     """Only intermediate checkpoints: the error says the run did not finish and how to evaluate one."""
-    _adapter(tmp_path / "checkpoint-10")
-    _adapter(tmp_path / "checkpoint-20")
-    (tmp_path / "checkpoint-30").mkdir()
+    for step in (10, 20, 30):
+        _adapter(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-40").mkdir()
     with pytest.raises(NegagentError) as raised:
         evaluated_model.find_model_files(tmp_path)
     assert str(raised.value) == (
         f"{tmp_path}: no trained model in this run directory (expected adapter_config.json + adapter_model.safetensors, "
-        f"or config.json + model.safetensors); only intermediate checkpoints (checkpoint-10, checkpoint-20): the run did "
-        f"not finish, pass run_dir={tmp_path}/checkpoint-20 to evaluate one")
+        f"or config.json + model.safetensors); only intermediate checkpoints (checkpoint-10, checkpoint-20, checkpoint-30): "
+        f"the run did not finish, pass run_dir={tmp_path}/checkpoint-30 to evaluate one")
     with pytest.raises(NegagentError) as raised:
         evaluated_model.find_model_files(tmp_path / "absent")
     assert str(raised.value).endswith("or config.json + model.safetensors)")
@@ -1033,7 +1162,7 @@ def _config(folder: Path, config: dict, name: str = "config.yaml") -> None:
 
 
 _RUN_CONFIG = {"seed": 4, "model": {"name": "tiny"}, "task": {"name": "arith", "limit_test": 2},
-               "tagging": {"strategy": "suffix", "neg_num": 10, "pos_num": None, "positive": "P"},
+               "tagging": {"strategy": "suffix", "neg_num": 10, "pos_num": 5, "positive": "P"},
                "render": {"instructions_role": "user"}}
 
 
@@ -1047,7 +1176,7 @@ def test_run_dir_subject_carries_the_frozen_settings(tmp_path, capsys):
     assert (subject.label, subject.model_cfg, subject.tagging_cfg, subject.render_cfg, subject.task_cfg) == (
         "run", {"name": "tiny"}, _RUN_CONFIG["tagging"], {"instructions_role": "user"}, _RUN_CONFIG["task"])
     assert (subject.adapter_dir, subject.weights_dir, subject.run_dir) == (run, None, run)
-    assert subject.training == {"strategy": "suffix", "neg_num": 10, "pos_num": None, "seed": 4, "negatives_used": 3,
+    assert subject.training == {"strategy": "suffix", "neg_num": 10, "pos_num": 5, "seed": 4, "negatives_used": 3,
                                 "positives_used": 7, "task": "arith", "model": "tiny", "run_dir": str(run)}
     assert capsys.readouterr().out == f"note: {run} has no 'done' marker: training may not have finished\n"
     (run / "done").write_text("")
@@ -1061,7 +1190,7 @@ def test_checkpoint_subject_reads_the_parent_run(tmp_path, capsys):
     run = tmp_path / "run"
     config = {k: v for k, v in _RUN_CONFIG.items() if k not in ("tagging", "render", "task")}
     _config(run, config, ".hydra/config.yaml")
-    (run / "manifest.json").write_text("not json")
+    (run / "manifest.json").write_text("[1, 2]")  # JSON, but not a manifest
     (run / "done").write_text("")
     ckpt = _full(run / "checkpoint-20")
     subject = evaluated_model.from_run_dir(ckpt)
@@ -1074,8 +1203,6 @@ def test_checkpoint_subject_reads_the_parent_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (None, "{run}: no frozen run config (config.yaml or .hydra/config.yaml) in it or its parent"),
-    ("model: [unclosed", "{run}/config.yaml: cannot read the run's config ("),
-    ("x: ${missing_key}\nmodel: {name: a}\n", "{run}/config.yaml: cannot read the run's config ("),
     ("seed: 1\n", "{run}/config.yaml: no `model` section; this is not a training run's config"),
     ("model: tiny\n", "{run}/config.yaml: no `model` section; this is not a training run's config"),
 ])
@@ -1085,7 +1212,20 @@ def test_run_dir_with_a_bad_config_is_one_line(tmp_path, content, message):
         (run / "config.yaml").write_text(content)
     with pytest.raises(NegagentError) as raised:
         evaluated_model.from_run_dir(run)
-    assert str(raised.value).startswith(message.format(run=run)) and "\n" not in str(raised.value)
+    assert str(raised.value) == message.format(run=run)
+
+
+@pytest.mark.parametrize("content", ["model: [unclosed", "x: ${missing_key}\nmodel: {name: a}\n"])
+def test_run_dir_with_an_unreadable_config_names_the_first_line_of_the_reason(tmp_path, content):
+    """Broken YAML or an interpolation that cannot resolve: the file and the first line of the reason."""
+    run = _adapter(tmp_path / "run")
+    (run / "config.yaml").write_text(content)
+    with pytest.raises(Exception) as reason:
+        OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    assert len(str(reason.value).splitlines()) > 1  # the rest of the reason is left out
+    with pytest.raises(NegagentError) as raised:
+        evaluated_model.from_run_dir(run)
+    assert str(raised.value) == f"{run}/config.yaml: cannot read the run's config ({str(reason.value).splitlines()[0]})"
 
 
 def test_fingerprint_follows_the_weight_files():
@@ -1111,6 +1251,26 @@ def test_fingerprint_follows_the_weight_files():
         prints.add(evaluated_model.ModelSource("run", {"name": "tiny"}, {}, weights_dir=folder).fingerprint())
         assert len(prints) == 5  # weights_dir and adapter_dir with the same files fingerprint alike
         assert len({*prints, evaluated_model.ModelSource("run", {"name": "tiny"}, {}).fingerprint()}) == 6
+
+
+def test_training_seed_falls_back_to_the_tagging_seed():
+    """Configs without a top-level seed (older runs) record the tagging seed."""
+    assert evaluated_model.training_summary({"tagging": {"seed": 7}}, {})["seed"] == 7
+    assert evaluated_model.training_summary({"seed": 2, "tagging": {"seed": 7}}, {})["seed"] == 2
+
+
+def test_run_dir_given_as_dot_is_labelled_dot(tmp_path, monkeypatch):
+    """run_dir=. (its name is empty): the label is the path as given."""
+    run = _adapter(tmp_path / "run")
+    _config(run, _RUN_CONFIG)
+    monkeypatch.chdir(run)
+    assert evaluated_model.from_run_dir(".").label == "."
+
+
+def test_missing_run_dir_is_one_line(tmp_path):
+    with pytest.raises(NegagentError) as raised:
+        evaluated_model.from_run_dir(tmp_path / "nowhere")
+    assert str(raised.value) == f"run_dir={tmp_path / 'nowhere'}: no such directory"
 
 
 def test_base_model_subject():
@@ -1155,7 +1315,10 @@ def test_adapter_for_another_base_model_is_one_line(tmp_path):
     with pytest.raises(NegagentError) as raised:
         evaluated_model.load_causal_lm(subject, load_tokenizer(TINY_MODEL), device="cpu")
     message = str(raised.value)
-    assert message.startswith(f"{tmp_path}: the adapter does not fit base model 'tiny' (") and "\n" not in message
+    prefix = f"{tmp_path}: the adapter does not fit base model 'tiny' ("
+    # peft's reason on one line, cut at 300 characters
+    assert message.startswith(prefix + "Error(s) in loading state_dict") and message.endswith(")") and "\n" not in message
+    assert len(message) - len(prefix) - 1 == 300 and "size mismatch for " in message
 
 
 def test_adapter_trained_with_added_tokens_is_merged_into_a_resized_model(tmp_path):
@@ -1177,3 +1340,60 @@ def test_adapter_trained_with_added_tokens_is_merged_into_a_resized_model(tmp_pa
     assert not hasattr(merged, "peft_config") and merged.device.type == "cpu"
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[name], load_model(TINY_MODEL).state_dict()[name])
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory, renderer):
+    """The tiny model saved as a full model with 64 more embedding rows than its tokenizer has tokens
+    (as padded vocabularies are), tokenizer included."""
+    from negagent.models import load_model
+
+    folder = tmp_path_factory.mktemp("wide")
+    model = load_model(TINY_MODEL)
+    model.resize_token_embeddings(len(renderer.tokenizer) + 64)
+    model.save_pretrained(folder)
+    renderer.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("bfloat16", torch.bfloat16)])
+def test_full_model_weights_are_loaded_in_the_asked_dtype(wide_model, renderer, dtype, expected):
+    """A full fine-tuned model from its folder: its own weights, in the asked dtype, on the default
+    device (auto: the CPU here), in eval mode."""
+    subject = evaluated_model.ModelSource("r", TINY_MODEL, {}, weights_dir=wide_model)
+    model = evaluated_model.load_causal_lm(subject, renderer.tokenizer, dtype=dtype)
+    saved = load_file(wide_model / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v.to(expected)) for k, v in saved.items())
+    assert {p.dtype for p in model.parameters()} == {expected} and model.device.type == "cpu" and not model.training
+
+
+def test_base_model_is_loaded_in_the_asked_dtype(renderer):
+    subject = evaluated_model.base_model(TINY_MODEL, {"strategy": "none"}, {})
+    model = evaluated_model.load_causal_lm(subject, renderer.tokenizer, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_adapter_base_with_more_rows_than_tokens_is_not_shrunk(wide_model, renderer, tmp_path):
+    """A base model whose embedding matrix is larger than its tokenizer keeps its size under an adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_cfg = {"name": "wide", "source": "path", "path": str(wide_model)}
+    get_peft_model(AutoModelForCausalLM.from_pretrained(wide_model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    subject = evaluated_model.ModelSource("r", base_cfg, {}, adapter_dir=tmp_path)
+    model = evaluated_model.load_causal_lm(subject, renderer.tokenizer, device="cpu")
+    assert model.get_input_embeddings().weight.shape[0] == len(renderer.tokenizer) + 64
+
+
+def test_auto_device_is_the_gpu_when_there_is_one(wide_model, renderer, monkeypatch):
+    """device=auto means cuda where CUDA is available (the move is recorded, no GPU needed)."""
+    from transformers import PreTrainedModel
+
+    moved = []
+    subject = evaluated_model.ModelSource("r", TINY_MODEL, {}, weights_dir=wide_model)
+    monkeypatch.setattr(PreTrainedModel, "to", lambda self, device: moved.append(device) or self)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    evaluated_model.load_causal_lm(subject, renderer.tokenizer)
+    evaluated_model.load_causal_lm(subject, renderer.tokenizer, device="cpu")
+    assert moved == ["cuda", "cpu"]
