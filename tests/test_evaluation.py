@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -12,8 +13,10 @@ import re
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 from omegaconf import OmegaConf
@@ -27,6 +30,7 @@ from negagent.metrics import summarize
 from negagent.tagging import tag_modes
 from negagent.metrics import mean_ci, paired_comparison, pass_at_k, pass_at_ks
 from negagent.tasks import get_task
+from negagent.tasks.arith import ArithTask
 from tests.helpers import TINY_MODEL, assert_one_line_error, make_traj
 
 # tqdm guards its bars with a lock shared between processes by default; a forked test process killed
@@ -193,6 +197,9 @@ def test_another_backend_does_not_resume_these_episodes(tmp_path):
     metrics = evaluate(_cfg(), tmp_path, backend=AnswerBackend(task))
     assert re.fullmatch(r"model=tiny \([0-9a-f]{16}\) backend=answers temperature=0.2 top_p=1.0 max_new_tokens=8 "
                         r"max_turns=3 instructions_role=system", metrics["setup"])
+    records = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    assert {(r["provenance"]["setup"], r["provenance"]["setup_desc"]) for r in records} == {
+        (hashlib.sha256(metrics["setup"].encode()).hexdigest()[:16], metrics["setup"])}
 
     class Other(AnswerBackend):
         name = "other"
@@ -201,6 +208,23 @@ def test_another_backend_does_not_resume_these_episodes(tmp_path):
     with pytest.raises(NegagentError, match="holds episodes of another evaluation setup .*backend=answers"):
         evaluate(_cfg(), tmp_path, backend=other)
     assert other.calls == 0
+
+
+@pytest.mark.parametrize("progress, shown", [(True, True), (False, False), (None, True)], ids=["on", "off", "default"])
+def test_progress_bar_on_stderr_unless_turned_off(tmp_path, capsys, monkeypatch, progress, shown):
+    """The bar counts episodes on stderr (on unless progress=false); stdout stays clean."""
+    monkeypatch.setattr("tqdm.tqdm.monitor_interval", 0)  # no monitor thread outliving the test
+    cfg = _cfg(progress=progress)
+    if progress is None:
+        del cfg["progress"]
+    evaluate(cfg, tmp_path, backend=AnswerBackend(get_task({"name": "arith", "n_test": 6})))
+    out, err = capsys.readouterr()
+    assert out == ""
+    final = err.split("\r")[-1]
+    if shown:
+        assert re.match(r"episodes: 100%\|[^|]*\| 6/6 \[[^\]]*(ep/s|s/ep), positive tag, turn 1/3, 0 running\]", final), err
+    else:
+        assert err == ""
 
 
 def test_parse_errors_and_tool_errors_are_failure_types(tmp_path, capsys, monkeypatch):
@@ -369,6 +393,14 @@ def test_chunks_are_seeded_from_the_seed_and_their_start(tmp_path):
     assert backend.draws == [(random.Random(s).random(), s) for s in seeds]
 
 
+@pytest.mark.parametrize("chunk_size, n_test, batches", [(1, 3, [1, 1, 1]), (0, 300, [256, 44]), (None, 300, [256, 44])])
+def test_chunk_size_default_and_floor(tmp_path, chunk_size, n_test, batches):
+    """chunk_size 0 or unset steps 256 episodes together; 1 steps them one at a time."""
+    backend = SeedBackend(get_task({"name": "arith", "n_test": n_test}))
+    evaluate(_cfg(chunk_size=chunk_size, task={"n_test": n_test}), tmp_path, backend=backend)
+    assert backend.batches == batches
+
+
 def test_setup_names_the_instructions_role_that_ran(tmp_path, monkeypatch):
     """A run's own render settings win over the evaluation config's, in the prompt and in the setup:
     the same directory evaluated with the other role is another setup."""
@@ -388,6 +420,46 @@ def test_setup_names_the_instructions_role_that_ran(tmp_path, monkeypatch):
     trained.render_cfg = {}
     with pytest.raises(NegagentError, match="another evaluation setup"):
         evaluate(_cfg(render={"instructions_role": "system"}), tmp_path, backend=Roles(task))
+
+
+@dataclass(frozen=True)
+class SearchingArith(ArithTask):
+    """Arith questions with a search tool too (so search runs offline, without a data directory)."""
+
+    tools: ClassVar[tuple[str, ...]] = ("calculate", "search")
+
+
+@pytest.mark.parametrize("mode, path, cached_at, records", [
+    ("auto", None, "out/tool_cache.jsonl", 1),  # the other five searches replay the first
+    ("record", "elsewhere/cache.jsonl", "elsewhere/cache.jsonl", 6),  # every search recorded
+    ("off", "elsewhere/cache.jsonl", None, 0),
+    (None, None, None, 0),  # no mode: no cache
+])
+def test_search_observations_and_the_tool_cache(tmp_path, monkeypatch, mode, path, cached_at, records):
+    """Search runs over the configured corpus; its observations are recorded where tools.cache says
+    (in the output directory by default), under the engine's identity, which every result names."""
+    corpus = tmp_path / "data" / "hotpotqa_context" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "corpus.json").write_text(json.dumps({"Paris": ["Paris is the capital of France."],
+                                                    "Rome": ["Rome is the capital of Italy."]}))
+    task = SearchingArith(n_test=6)
+    monkeypatch.setattr("negagent.evaluation.evaluator.get_task", lambda cfg: task)
+    cfg = _cfg(tools={"search": {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "index")},
+                      "cache": {"mode": mode, "path": str(tmp_path / path) if path else None}})
+    metrics = evaluate(cfg, tmp_path / "out", backend=AnswerBackend(task, search=True))
+    identity = metrics["versions"]["tools"]["search"]
+    assert metrics["versions"]["tools"] == {"calculate": None, "search": identity}
+    assert re.fullmatch(r"bm25s-[0-9.]+:corpus-[0-9a-f]{16}:k3:chars400", identity)
+    episodes = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    observation = episodes[0]["messages"][1]["content"]
+    assert observation == "Observation: #1: Paris | Paris is the capital of France."  # only Paris matches
+    assert metrics["files"]["tool_cache"] == ("tool_cache.jsonl" if cached_at == "out/tool_cache.jsonl" else None)
+    caches = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*cache.jsonl"))
+    assert caches == ([cached_at] if cached_at else [])
+    if cached_at:
+        cached = [json.loads(line) for line in (tmp_path / cached_at).read_text().splitlines()]
+        assert [(r["tool"], r["argument"], r["backend"], f"Observation: {r['observation']}") for r in cached] == [
+            ("search", "Paris", identity, observation)] * records
 
 
 def test_tool_calls_reach_the_toolbox(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -114,7 +115,9 @@ def test_bm25_on_a_small_corpus_caches_and_rebuilds_on_change(tmp_path: Path) ->
     search = BM25Search(data, cache)
     assert search.built and (search.top_k, search.max_chars) == (3, 400)
     assert re.fullmatch(r"bm25-[0-9a-f]{16}", search.index_dir.name) and search.index_dir.parent == cache
-    assert re.fullmatch(rf"bm25s-{re.escape(bm25s.__version__)}:corpus-[0-9a-f]{{16}}:k3:chars400", search.identity)
+    # The corpus is named by its content: the sha256 of the passages, one a line.
+    corpus = hashlib.sha256("\n".join(build_corpus(data)).encode()).hexdigest()[:16]
+    assert search.identity == f"bm25s-{bm25s.__version__}:corpus-{corpus}:k3:chars400"
     # Only passages sharing a word with the query are returned, best first.
     assert search.search("river mouth") == "#1: Delta | Delta is a river mouth."
     assert search.search("qwxyz") == NO_RESULTS
@@ -128,6 +131,24 @@ def test_bm25_on_a_small_corpus_caches_and_rebuilds_on_change(tmp_path: Path) ->
     assert sorted(p.name for p in cache.glob("bm25-*")) == sorted([search.index_dir.name, changed.index_dir.name])
     assert changed.identity != search.identity
     assert changed.search("twelfth") == "#1: Mu | Mu is twelfth."
+
+
+def test_a_build_that_loses_the_race_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Two processes building the same index: the second finds the folder taken when it renames
+    its own into place, removes its copy and uses the first one's."""
+    _write_mini_data(tmp_path / "data")
+    search = BM25Search(tmp_path / "data", tmp_path / "cache")
+    before = {p.name: p.stat().st_mtime_ns for p in search.index_dir.iterdir()}
+    search._build(tmp_path / "data")  # the late builder
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [search.index_dir.name]
+    assert {p.name: p.stat().st_mtime_ns for p in search.index_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("key", ["top_k", "max_chars"])
+def test_build_search_backend_checks_k_and_length(key: str) -> None:
+    with pytest.raises(NegagentError) as err:
+        build_search_backend({"backend": "serper", key: 0})
+    assert str(err.value) == f"search.{key} must be at least 1, not 0"
 
 
 def test_bm25_needs_a_writable_cache(tmp_path: Path) -> None:
@@ -266,7 +287,7 @@ KEY = "sk-test-DO-NOT-LEAK-4242"
 
 class _FakeSerper(BaseHTTPRequestHandler):
     received: list[tuple[str, str | None, dict]] = []
-    # "/slow" answers only once this is set (at teardown): the client's timeout fires first, always.
+    # "/slow" answers only once this is set (at the fixture's teardown): the client's timeout fires first.
     release = threading.Event()
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -310,6 +331,7 @@ class _FakeSerper(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def fake_serper() -> Iterator[str]:
+    _FakeSerper.release = threading.Event()  # a fresh one: an earlier session in this process set its own
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSerper)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

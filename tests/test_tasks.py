@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import sys
 import types
@@ -13,6 +15,8 @@ from omegaconf import OmegaConf
 
 from negagent.errors import NegagentError
 from negagent.tasks import TASK_NAMES, get_task
+from negagent.tasks import arith as arith_module
+from negagent.tasks.arith import THEMES, Problem, _operands, generate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_TASKS = ("math", "hotpotqa", "strategyqa")
@@ -87,10 +91,41 @@ def test_task_specific_answer_rules():
 _EXPR = re.compile(r"^\d+[-+*/]\d+$")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def arith():
+    """Made afresh for each test (a fraction of a second): a shared copy would be generated inside
+    whichever test runs first, and mutation testing would credit only that test with it."""
     task = get_task({"name": "arith", "data_dir": None, "n_train": 300, "n_test": 100})
     return task, task.train_questions(), task.test_sets()["arith"]
+
+
+def test_arith_problems_are_exactly_the_published_ones(arith):
+    """The generated problems are part of every collected dataset's identity: any change to the
+    generator shows here. The digest covers all 400 problems (ids, texts, golds, steps, themes);
+    after a deliberate change, recompute it with the expression below and say why in the commit."""
+    _, train, test = arith
+    assert (train[0].id, train[0].question, train[0].gold) == (
+        "arith-train-0-0",
+        "Lena bakes 67 cookies for a school fair. With help from friends, she ends up with four times as many "
+        "cookies as before. Sadly, 2 cookies break and are thrown away. How many cookies does Lena have now?",
+        266,
+    )
+    assert train[0].meta == {"theme": "baking", "steps": [
+        {"expr": "67*4", "value": 268, "text": "Multiply the number of cookies by 4."},
+        {"expr": "268-2", "value": 266, "text": "Subtract the 2 broken cookies."}]}
+    assert (test[0].id, test[0].gold, [s["expr"] for s in test[0].meta["steps"]]) == (
+        "arith-test-0-0", 5, ["2*5", "20-10", "10/2"])
+    blob = json.dumps([[q.id, q.question, q.gold, q.meta] for q in train + test], sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest() == "a66b5174e76bb40db3bc6a38825b18897e514142ed73fbebf4629077f67ec221"
+
+
+def test_arith_values_stay_whole_and_within_the_story(arith):
+    """Every intermediate value is a whole number from 2 to the theme's largest value."""
+    themes = {theme.name: theme for theme in THEMES}
+    _, train, test = arith
+    for q in train + test:
+        values = [step["value"] for step in q.meta["steps"]]
+        assert all(isinstance(v, int) and 2 <= v <= themes[q.meta["theme"]].max_value for v in values), q
 
 
 def test_arith_sizes_and_ids(arith):
@@ -142,6 +177,56 @@ def test_arith_problems_are_varied(arith):
     ops = {re.sub(r"\d+", "", step["expr"]) for q in train for step in q.meta["steps"]}
     assert ops == {"+", "-", "*", "/"}
     assert {len(q.meta["steps"]) for q in train} == {2, 3, 4}
+
+
+def test_arith_defaults():
+    task = get_task({"name": "arith"})
+    assert (task.n_train, task.n_test, task.seed, task.min_steps, task.max_steps, task.scoring) == (
+        2000, 200, 0, 2, 4, "numeric")
+
+
+@pytest.mark.parametrize("n_train", [1, 2])
+def test_arith_few_problems(n_train):
+    task = get_task({"name": "arith", "n_train": n_train, "n_test": 1, "min_steps": 3, "max_steps": 3})
+    train = task.train_questions()
+    assert [q.id for q in train] == [f"arith-train-0-{i}" for i in range(n_train)]
+    assert [len(q.meta["steps"]) for q in train + task.test_sets()["arith"]] == [3] * (n_train + 1)
+
+
+def test_arith_operands_at_their_bounds():
+    """The smallest operand is 2 and no value leaves 2..max_value: at each bound exactly one
+    operand fits, one step further none does."""
+    shopping = THEMES[0]  # values up to 1000
+    rng = random.Random(0)
+    assert (_operands(rng, "-", 4, shopping), _operands(rng, "-", 3, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "+", 998, shopping), _operands(rng, "+", 999, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "*", 500, shopping), _operands(rng, "*", 501, shopping)) == ({"n": 2}, None)
+    assert (_operands(rng, "/", 4, shopping), _operands(rng, "/", 3, shopping)) == ({"n": 2}, None)
+
+
+def _four_problems(monkeypatch) -> None:
+    """make_problem replaced by draws among four fixed problems, so that draws repeat and splits collide."""
+    def draw(rng, n_steps):
+        i = rng.randrange(4)
+        return Problem(f"P{i}", i, [{"expr": f"{i}+0", "value": i, "text": "t"}], "fake")
+
+    monkeypatch.setattr(arith_module, "make_problem", draw)
+
+
+def test_arith_train_never_repeats_a_test_problem(monkeypatch):
+    _four_problems(monkeypatch)
+    task = get_task({"name": "arith", "n_train": 2, "n_test": 2})
+    # The train stream alone would draw P2 then P3; P3 is a test problem, so P1 comes instead.
+    assert [q.question for q in task.test_sets()["arith"]] == ["P3", "P0"]
+    assert [q.question for q in task.train_questions()] == ["P2", "P1"]
+
+
+def test_arith_generator_draws_distinct_problems_or_says_it_cannot(monkeypatch):
+    _four_problems(monkeypatch)
+    assert sorted(p.text for p in generate(random.Random("x"), 4, 1, 1)) == ["P0", "P1", "P2", "P3"]
+    with pytest.raises(NegagentError) as err:
+        generate(random.Random("x"), 5, 1, 1)
+    assert str(err.value) == "arith: made only 4 distinct problems of 5; lower n_train or n_test"
 
 
 def test_arith_step_range():

@@ -959,6 +959,22 @@ def test_manifest_describes_the_samples(tmp_path, renderer):
     assert manifest["test_overlap"] == {"questions": 0, "test_questions": 8, "train_trajectories": 0, "dropped": False}
 
 
+def test_test_overlap_ignores_case_punctuation_and_spacing(tmp_path, renderer):
+    """A train question that is a test question up to case, punctuation and spacing is an overlap
+    (and dropped with data.drop_test_overlap); an unrelated one is not."""
+    from negagent.tasks import get_task
+
+    task = get_task({"name": "arith", "limit_test": 4})
+    question = task.test_sets()["arith"][1].question
+    variant = "  " + question.upper().replace(" ", "   ").replace("?", " ?!") + "\n"
+    path = tmp_path / "arith.jsonl"
+    write_trajectories(path, [make_traj(0, True, question=variant), make_traj(1, False, question=variant), make_traj(2, True)])
+    _, manifest = data.prepare(_data_cfg(path), task, renderer)
+    assert manifest["test_overlap"] == {"questions": 1, "test_questions": 4, "train_trajectories": 2, "dropped": False}
+    samples, manifest = data.prepare(_data_cfg(path, drop_test_overlap=True), task, renderer)
+    assert [s.id for s in samples] == ["t2"] and manifest["test_overlap"]["dropped"] is True
+
+
 def test_frozen_config_without_instructions_role_uses_the_system_turn(tmp_path, renderer):
     """A run config from before render.instructions_role existed renders the instructions as the system turn."""
     from negagent.tasks import get_task
@@ -1190,15 +1206,22 @@ def test_checkpoint_subject_reads_the_parent_run(tmp_path, capsys):
     run = tmp_path / "run"
     config = {k: v for k, v in _RUN_CONFIG.items() if k not in ("tagging", "render", "task")}
     _config(run, config, ".hydra/config.yaml")
-    (run / "manifest.json").write_text("[1, 2]")  # JSON, but not a manifest
+    (run / "manifest.json").write_text(json.dumps({"samples": {"negative": {"samples": 2}}}))
     (run / "done").write_text("")
     ckpt = _full(run / "checkpoint-20")
     subject = evaluated_model.from_run_dir(ckpt)
     assert (subject.label, subject.weights_dir, subject.adapter_dir) == ("checkpoint-20", ckpt, None)
     assert (subject.tagging_cfg, subject.render_cfg, subject.task_cfg) == ({"strategy": "none"}, {}, None)
-    assert subject.training == {"strategy": None, "neg_num": None, "pos_num": None, "seed": 4, "negatives_used": None,
+    assert subject.training == {"strategy": None, "neg_num": None, "pos_num": None, "seed": 4, "negatives_used": 2,
                                 "positives_used": None, "task": None, "model": "tiny", "run_dir": str(ckpt)}
     assert capsys.readouterr().out == ""
+
+
+def test_training_summary_of_a_manifest_that_is_not_one():
+    """A manifest.json holding other JSON (a list) counts nothing instead of failing."""
+    assert evaluated_model.training_summary({"model": {"name": "tiny"}}, [1, 2]) == {
+        "strategy": None, "neg_num": None, "pos_num": None, "seed": None, "negatives_used": None, "positives_used": None,
+        "task": None, "model": "tiny"}
 
 
 @pytest.mark.parametrize("content, message", [
