@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from negagent import rundir, sweep
 from negagent.config import CONF_DIR, check_group_overrides
 from negagent.errors import exit_on_user_error
-from negagent.models import load_tokenizer
+from negagent.models import check_model_settings, load_tokenizer
 from negagent.render import build_renderer
 from negagent.tasks import get_task
 from negagent.training import launch
@@ -43,30 +43,39 @@ def main(cfg: DictConfig) -> None:
         return
     resolved = launch.resolve_config(cfg, list(hydra_cfg.overrides.task), run_dir)
     check_trainer_config(resolved["trainer"])
+    check_model_settings(resolved["model"])
     launch.check_nproc(int(resolved["trainer"]["nproc_per_node"]))
     collecting = not resolved["data"]["trajectories"]
     if collecting:
         resolved["data"]["trajectories"] = str(run_dir / rundir.COLLECTED / rundir.TRAJECTORIES)
     state = launch.check_run_dir(run_dir, resolved)
     if state != "trained":
-        if collecting:
-            collect_default_data(resolved, run_dir)
-        task = get_task(resolved["task"])
-        tokenizer = load_tokenizer(resolved["model"])
-        renderer = build_renderer(tokenizer, resolved["render"])
-        samples, manifest = prepare(resolved, task, renderer)
-        manifest["samples_sha256"] = samples_digest(samples)
-        for sample in samples[: cfg.data.preview]:
-            print(f"--- sample {sample.id} (positive={sample.positive}) ---\n{renderer.debug_view(sample)}")
-        print(json.dumps(manifest["samples"], indent=2))
-        if state == "new":
-            rundir.write_manifest(run_dir, manifest)
-            rundir.freeze_config(run_dir, resolved)
-        launch.run(run_dir, resolved)
+        with rundir.training_lock(run_dir):
+            state = launch.check_run_dir(run_dir, resolved)  # again: another process may have trained meanwhile
+            if state != "trained":
+                prepare_and_train(cfg, resolved, run_dir, state, collecting)
     outputs = [rundir.MANIFEST]
     if resolved["trainer"].get("evaluate_after"):
         outputs += evaluate_after_training(resolved, run_dir)
     sweep.mark_done(run_dir, cfg, outputs=outputs)
+
+
+def prepare_and_train(cfg: DictConfig, resolved: dict, run_dir: Path, state: str, collecting: bool) -> None:
+    """Collect (when no data was given), check and freeze the data and config (a new run), train."""
+    if collecting:
+        collect_default_data(resolved, run_dir)
+    task = get_task(resolved["task"])
+    tokenizer = load_tokenizer(resolved["model"])
+    renderer = build_renderer(tokenizer, resolved["render"])
+    samples, manifest = prepare(resolved, task, renderer)
+    manifest["samples_sha256"] = samples_digest(samples)
+    for sample in samples[: cfg.data.preview]:
+        print(f"--- sample {sample.id} (positive={sample.positive}) ---\n{renderer.debug_view(sample)}")
+    print(json.dumps(manifest["samples"], indent=2))
+    if state == "new":
+        rundir.write_manifest(run_dir, manifest)
+        rundir.freeze_config(run_dir, resolved)
+    launch.run(run_dir, resolved)
 
 
 def collect_default_data(resolved: dict, run_dir: Path) -> None:

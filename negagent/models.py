@@ -9,6 +9,14 @@ Sources (`model.source`):
 - `hub` / `path`: a Hugging Face hub id or a local directory. Hub ids are read from the local cache
   first; the hub is asked only when they are not cached and offline mode (HF_HUB_OFFLINE=1) is off,
   so an uncached preset fails at once when offline.
+
+Settings every source takes:
+- `attn_implementation`: sdpa (default), eager, or flash_attention_2 (needs the `flash_attn` package;
+  with `trainer.batching=packed` it also gets flash-attention's variable-length arguments).
+- `dtype`: auto (default), bfloat16, float16 or float32: the dtype the weights are loaded in. `auto`
+  means float32 for training (float32 master weights; `trainer.bf16` adds mixed precision on top)
+  and, for generation (the hf backend), bfloat16 on a CUDA GPU that has it, else float32. A backend's
+  own `dtype`, when set, overrides `model.dtype` for generation.
 """
 
 from __future__ import annotations
@@ -24,6 +32,50 @@ from typing import Any, Callable, Mapping
 from negagent.errors import NegagentError
 
 SOURCES = ("gguf_package", "tiny", "hub", "path")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def attn_implementation(cfg: Mapping[str, Any]) -> str:
+    """`model.attn_implementation` (sdpa when the key is missing, as in configs from before it existed)."""
+    return str(cfg.get("attn_implementation") or "sdpa")
+
+
+def flash_attn_installed() -> bool:
+    """Whether the `flash_attn` package (flash_attention_2's kernels) can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_model_settings(cfg: Mapping[str, Any]) -> None:
+    """One-line errors for `model.attn_implementation` and `model.dtype`, before any work."""
+    attn = attn_implementation(cfg)
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise NegagentError(f"model.attn_implementation={attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn == "flash_attention_2" and not flash_attn_installed():
+        raise NegagentError("model.attn_implementation=flash_attention_2 needs the flash_attn package: "
+                            "`pip install flash-attn`, or choose model.attn_implementation=sdpa")
+    _check_dtype("model.dtype", cfg.get("dtype") or "auto")
+
+
+def _check_dtype(key: str, value: Any) -> None:
+    if value not in DTYPES:
+        raise NegagentError(f"{key}={value!r} is not one of {', '.join(DTYPES)}")
+
+
+def resolve_dtype(setting: str | None, *, training: bool, device: Any = None):
+    """The torch dtype for a `dtype` setting: an explicit one as given; `auto` is float32 for training
+    and, for generation, bfloat16 on a CUDA device with bf16 (`device` None: CUDA when available),
+    else float32."""
+    import torch
+
+    setting = setting or "auto"
+    _check_dtype("model.dtype", setting)
+    if setting != "auto":
+        return getattr(torch, setting)
+    if training:
+        return torch.float32
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def cache_root(cfg: Mapping[str, Any]) -> Path:
@@ -133,30 +185,54 @@ def load_tokenizer(cfg: Mapping[str, Any]):
     return tokenizer
 
 
-def load_model(cfg: Mapping[str, Any], *, dtype: str | None = None):
-    """A causal LM for `cfg`; `tiny` is randomly initialised from `cfg.arch` with `cfg.seed`."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def model_config(cfg: Mapping[str, Any]):
+    """The transformers config of `cfg`'s model, without loading weights (`tiny`: built from `cfg.arch`
+    and the tokenizer's vocabulary); `attn_implementation` is set from the config."""
+    from transformers import AutoConfig, LlamaConfig
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    check_model_settings(cfg)
+    attn = attn_implementation(cfg)
     if cfg.get("source") == "tiny":
         tokenizer = load_tokenizer(cfg)
-        arch = dict(cfg["arch"])
-        config = LlamaConfig(
+        return LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
-            **arch,
+            attn_implementation=attn,
+            **dict(cfg["arch"]),
         )
+    location = _pretrained_location(cfg)
+    try:
+        return _from_pretrained(AutoConfig.from_pretrained, cfg, location, attn_implementation=attn)
+    except OSError as exc:
+        raise NegagentError(
+            f"model '{cfg.get('name')}': '{location}' is not a preset and cannot be found offline "
+            f"(download it first, or use model=smollm2_135m): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def load_model(cfg: Mapping[str, Any], *, dtype: str | None = None, training: bool = False):
+    """A causal LM for `cfg` with its `attn_implementation`, in `resolve_dtype(dtype or cfg.dtype,
+    training=training)`; `dtype` is a backend's override. `tiny` is randomly initialised from
+    `cfg.arch` with `cfg.seed`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    check_model_settings(cfg)
+    if dtype is not None:
+        _check_dtype("backend.dtype", dtype)
+    torch_dtype = resolve_dtype(dtype or cfg.get("dtype"), training=training)
+    if cfg.get("source") == "tiny":
+        config = model_config(cfg)
         torch.manual_seed(int(cfg.get("seed", 0)))
-        model = LlamaForCausalLM(config)
-        return model.to(torch_dtype) if torch_dtype else model
+        return LlamaForCausalLM(config).to(torch_dtype)
     location = _pretrained_location(cfg)
     try:
         # transformers does not pass local_files_only on to its adapter lookup: say it again there.
         return _from_pretrained(AutoModelForCausalLM.from_pretrained, cfg, location, dtype=torch_dtype,
+                                attn_implementation=attn_implementation(cfg),
                                 local_only_kwargs={"adapter_kwargs": {"local_files_only": True}})
     except OSError as exc:
         raise NegagentError(

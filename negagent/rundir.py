@@ -8,6 +8,7 @@ A training run directory (`train.py`, one per run or sweep member):
     collected/         trajectories train.py collected itself when `data.trajectories` was null
     checkpoints/       intermediate Trainer checkpoints (removed after a verified final save)
     ranks/             per rank: data order and ZeRO partition facts
+    train.lock         held (flock) by the process that trains here; a second one is refused
     metrics.jsonl      training metrics, a line per logging step
     summary.json       the training summary
     adapter_model.safetensors + adapter_config.json, or model.safetensors + config.json: the weights
@@ -26,10 +27,14 @@ by the entry point (or the Slurm launcher) that finished the run. Readers here n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from negagent.errors import NegagentError
 from negagent.files import write_json_atomic
@@ -45,6 +50,7 @@ RANKS = "ranks"
 COLLECTED = "collected"
 TRAINED = "done"  # training finished: final weights saved and verified
 FINISHED = "done.json"  # the whole run finished; holds the sweep's config hash
+TRAIN_LOCK = "train.lock"
 EVAL = "eval"
 EVAL_BASE = "eval_base"
 EXPORT = "export"
@@ -166,3 +172,30 @@ def evaluation_metrics(run_dir: str | Path) -> Path | None:
 def is_run(path: str | Path) -> bool:
     """Does `path` hold a run (a training run or an evaluation directory)?"""
     return any((Path(path) / marker).exists() for marker in RUN_MARKERS)
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: str | Path) -> Iterator[None]:
+    """Held while this process prepares and trains a run in `run_dir`; a second process asking for it
+    (a second command, or a requeued member whose earlier attempt still runs) gets a one-line error
+    naming the holder. The kernel releases it when the holder ends, however it ends (flock), so a
+    killed run never leaves it taken. On a shared filesystem without flock support it is a no-op."""
+    path = Path(run_dir) / TRAIN_LOCK
+    handle = path.open("a+")  # never truncate before holding it: the holder's pid is in it
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise NegagentError(f"{run_dir}: {holder} is training in this run directory; wait for it to end "
+                                "(or stop it) before resuming here") from None
+        except OSError:  # no lock support on this filesystem: go on unguarded
+            pass
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

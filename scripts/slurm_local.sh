@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on localhost, for trying sweeps on a laptop and for the Slurm tests in CI.
+# A two-node Slurm cluster on localhost, for trying sweeps on a laptop and for the Slurm tests in CI.
 #
 #   bash scripts/slurm_local.sh          install (Debian packages, once), configure, start; wait until idle
 #   bash scripts/slurm_local.sh stop     stop the daemons it started
 #   bash scripts/slurm_local.sh status   print the node line, exit 1 when the cluster is not up
 #
 # Needs root and Debian/Ubuntu (apt). Idempotent: when the cluster is already up it only prints its
-# status. The node is "localhost" in partition "local" (the slurm_local launcher preset) with this
-# machine's CPUs and memory; accounting is off, so sacct fails and submitit says so, harmlessly.
-# It refuses to touch a slurm.conf that it did not write.
+# status. Two slurmd daemons on this machine make two nodes, "node1" and "node2" (own port,
+# spool, pid and log files each), both with this machine's CPUs and memory, in partition "local" (the
+# slurm_local launcher preset): a member may span two nodes (hydra.launcher.nodes=2), as on a cluster.
+# Both nodes share the same cores, so two nodes do not make a job faster. Accounting is off, so sacct
+# fails and submitit says so, harmlessly. It refuses to touch a slurm.conf that it did not write.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
 MARKER="# written by negagent scripts/slurm_local.sh"
 PARTITION=local
-NODE=localhost
+NODES=(node1 node2)
+NODE=${NODES[0]}  # the node `status` reports
 LOG_DIR=/var/log/slurm
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}
 
@@ -22,7 +25,13 @@ die() { echo "slurm_local: $*" >&2; exit 1; }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-node_state() { timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true; }
+# The state of the cluster: the least ready of its nodes' states (one word), or nothing when unknown.
+node_state() {
+  local states
+  states=$(timeout 10 sinfo -h -n "$(IFS=,; echo "${NODES[*]}")" -N -o %T 2>/dev/null || true)
+  [ "$(echo "$states" | grep -c .)" = "${#NODES[@]}" ] || return 0
+  echo "$states" | grep -vE '^(idle|mixed|allocated|completing)' | head -1 | grep . || echo "$states" | head -1
+}
 
 status() {
   local state
@@ -30,7 +39,7 @@ status() {
   state=$(node_state)
   case "$state" in
     idle*|mixed*|allocated*|completing*)
-      echo "slurm_local: node $NODE $state (partition $PARTITION, $(nproc) CPUs)"; return 0 ;;
+      echo "slurm_local: nodes ${NODES[*]} $state (partition $PARTITION, $(nproc) CPUs each)"; return 0 ;;
     *) return 1 ;;
   esac
 }
@@ -61,14 +70,22 @@ write_conf() {
   cpus=$(nproc)
   # 90% of physical memory: slurmd marks a node invalid when its configured memory exceeds what it finds.
   mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
-  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
+  mkdir -p /etc/slurm /var/spool/slurmctld "$LOG_DIR"
+  local node port=17001 nodes_conf=""
+  for node in "${NODES[@]}"; do
+    mkdir -p "/var/spool/slurmd/$node"
+    nodes_conf+="NodeName=$node NodeHostname=localhost NodeAddr=127.0.0.1 Port=$port CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+    port=$((port + 1))
+  done
   cat >"$CONF" <<EOF
 $MARKER; rewritten on each start
 ClusterName=negagent
-SlurmctldHost=$NODE
+SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again once its old credentials expire: 10 s here instead of 120.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -77,18 +94,20 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+# Several slurmd on one host: each node keeps its own spool, pid and log file (%n: the node's name).
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # Keep finished jobs visible to squeue for a while: without accounting it is how they are followed.
 MinJobAge=300
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# A cancelled or requeued job's processes get SIGKILL 5 s after SIGTERM (default 30 s).
+KillWait=5
+${nodes_conf}PartitionName=$PARTITION Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -111,17 +130,21 @@ start() {
   write_conf
   start_munge
   alive /run/slurmctld.pid || slurmctld -i
-  alive /run/slurmd.pid || slurmd -N "$NODE"
+  local node
+  for node in "${NODES[@]}"; do
+    alive "/run/slurmd-$node.pid" || slurmd -N "$node"
+  done
   local waited=0 state
   while :; do
     state=$(node_state)
     case "$state" in
       idle*|mixed*|allocated*|completing*) break ;;
-      down*|drain*|drained*) timeout 10 scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
+      down*|drain*|drained*|inval*)
+        for node in "${NODES[@]}"; do timeout 10 scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true; done ;;
     esac
     if [ "$waited" -ge $((WAIT_S * 5)) ]; then
-      tail -5 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" >&2 2>/dev/null || true
-      die "node $NODE not idle after ${WAIT_S}s (state: ${state:-no answer}); logs in $LOG_DIR"
+      tail -5 "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd-*.log >&2 2>/dev/null || true
+      die "nodes ${NODES[*]} not idle after ${WAIT_S}s (state: ${state:-no answer}); logs in $LOG_DIR"
     fi
     sleep 0.2
     waited=$((waited + 1))
@@ -133,8 +156,8 @@ stop() {
   # scontrol shutdown stops slurmctld and every slurmd; munged goes by its pid file.
   timeout 20 scontrol shutdown >/dev/null 2>&1 || true
   local pid_file
-  for pid_file in /run/slurmd.pid /run/slurmctld.pid; do
-    alive "$pid_file" && kill "$(cat "$pid_file")" 2>/dev/null || true
+  for pid_file in /run/slurmd-*.pid /run/slurmd.pid /run/slurmctld.pid; do
+    if alive "$pid_file"; then kill "$(cat "$pid_file")" 2>/dev/null || true; fi
   done
   alive /run/munge/munged.pid && kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
   echo "slurm_local: stopped"

@@ -1,4 +1,4 @@
-"""Sweeps through a real Slurm: the one-node localhost cluster of scripts/slurm_local.sh.
+"""Sweeps through a real Slurm: the two-node localhost cluster of scripts/slurm_local.sh.
 
 The session fixture uses a running cluster, or starts one (installing Debian's packages if needed)
 when NEGAGENT_TEST_DATA (CI) or NEGAGENT_SLURM=1 is set; in CI a cluster that cannot be started is a
@@ -19,6 +19,7 @@ from negagent.rundir import read_finished
 from negagent.sweep import STATUS_FILE
 from negagent.trajectory import write_trajectories
 from tests.helpers import assert_one_line_error, make_traj
+from tests.test_training import _wait_for, checkpoint_saved
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
@@ -151,33 +152,112 @@ def test_sweep_runs_resumes_and_reports_failures(slurm, tmp_path, trajectories):
             assert failed["job_id"] != first_job  # failed members run again
 
 
-RANK_APP = '''
-import json, os, hydra
-from pathlib import Path
-
-@hydra.main(version_base=None, config_path={conf!r}, config_name="train")
-def main(cfg):
-    out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    names = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
-    (out / f"rank{{os.environ['RANK']}}.json").write_text(json.dumps({{k: os.environ.get(k) for k in names}}))
-
-main()
-'''
+# A member of several Slurm tasks is ONE ZeRO-3 run (one rank per task) on CPU ranks: 48 samples,
+# 2 ranks x 6 micro-batches of 4 per epoch (6 steps), 3 epochs: 18 optimizer steps, a checkpoint every 3.
+ZERO3_SAMPLES = 48
+ZERO3 = ["trainer=zero3", "trainer.max_steps=-1", "trainer.epochs=3", "trainer.save_steps=3", "trainer.logging_steps=1",
+         "trainer.lr=1e-3"]
 
 
-def test_one_task_per_gpu_gives_each_task_its_rank(slurm, tmp_path):
-    """Several tasks in a member's job: each runs the entry point as one rank of one distributed run
-    (the torchrun variables), and the member is marked done once."""
-    app = tmp_path / "rank_app.py"
-    app.write_text(RANK_APP.format(conf=str(REPO / "conf")))
-    sweep = tmp_path / "sweep"
-    done = subprocess.run([sys.executable, str(app), "-m", "hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2",
-                           "tagging=prefix", f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+def _member_dir(sweep: Path) -> Path | None:
+    """The one member's run directory (the folder the sweep made that holds a frozen config)."""
+    found = [p.parent for p in sweep.rglob("config.yaml") if p.parent.name != ".hydra"]
+    return found[0] if len(found) == 1 else None
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [m for m in map(json.loads, filter(str.strip, lines)) if "loss" in m]
+
+
+def _job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as fields (finished jobs stay visible for MinJobAge)."""
+    text = subprocess.run(["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True, timeout=30).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+def check_one_zero3_run(sweep: Path) -> dict:
+    """The member's two tasks trained ONE run: two ranks on disjoint samples with partitioned
+    parameters, one verified save, one done marker; only rank 0 wrote run files (the other rank
+    wrote its own ranks/ records). Returns the member's sweep.json entry."""
+    (member,) = json.loads((sweep / STATUS_FILE).read_text())["members"]
+    assert member["status"] == "finished", member
+    run_dir = Path(member["run_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["ranks"], summary["deepspeed"], summary["steps"]) == (2, "zero3", 18), summary
+    facts = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(f["rank"], f["world_size"]) for f in facts] == [(0, 2), (1, 2)]
+    for fact in facts:  # each rank holds a shard of the parameters only
+        assert 0 < fact["local_param_elements"] <= fact["param_elements"] // 2 + 1024, fact
+    orders = [[json.loads(line) for line in (run_dir / "ranks" / f"rank{r}.order.jsonl").read_text().splitlines()]
+              for r in (0, 1)]
+    first_epoch = [set().union(*(set(line["samples"]) for line in order if line["step"] < 6)) for order in orders]
+    assert not first_epoch[0] & first_epoch[1] and first_epoch[0] | first_epoch[1] == set(range(ZERO3_SAMPLES))
+    assert summary["saved"]["kind"] == "model" and summary["saved"]["parameters"] == facts[0]["param_elements"]
+    assert (run_dir / "done").is_file() and read_finished(run_dir)["config_hash"] == member["config_hash"]
+    assert sorted(p.name for p in (run_dir / "ranks").iterdir()) == [
+        "rank0.json", "rank0.order.jsonl", "rank1.json", "rank1.order.jsonl"]
+    losses = _losses(run_dir)
+    assert losses[-1]["loss"] < losses[0]["loss"] - 0.05, (losses[0], losses[-1])
+    return member
+
+
+def test_a_member_of_several_tasks_is_one_zero3_run_across_nodes_and_resumes_after_a_requeue(slurm, tmp_path):
+    """Through train.py and the real local Slurm: a member of two tasks is one 2-rank ZeRO-3 run,
+    whether the tasks are on two nodes or on one; a member requeued mid-training (scontrol requeue)
+    comes back as the same job, resumes from its last complete checkpoint and ends with the loss of
+    the run that was never interrupted."""
+    data = tmp_path / "arith.jsonl"
+    write_trajectories(data, [make_traj(i, i % 3 != 0, turns=2 + i % 3) for i in range(ZERO3_SAMPLES)])
+    common = ["tagging=prefix", f"data.trajectories={data}", *ZERO3]
+
+    # Two nodes, one task on each: never interrupted.
+    nodes = tmp_path / "nodes"
+    done = _sweep([*common, f"hydra.sweep.dir={nodes}", "hydra.launcher.nodes=2"], timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = sweep / "tagging=prefix"
-    ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in ranks] == [("0", "0", "2"), ("1", "1", "2")]
-    assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
-    done_record = read_finished(run_dir)  # written once, by the launcher's rank-0 wrapper, for the job's first attempt
-    assert done_record["outputs"] == [] and done_record["attempt"].endswith(":0"), done_record
+    member = check_one_zero3_run(nodes)
+    job = _job(member["job_id"])
+    assert (job.get("NodeList"), job.get("NumNodes"), job.get("NumTasks")) == ("node[1-2]", "2", "2"), job
+    reference = _losses(Path(member["run_dir"]))[-1]
+
+    # One node, two tasks: requeued once checkpoint 3 is saved and step 4 logged.
+    one_node = tmp_path / "one_node"
+    command = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm_local", "debug=smoke", *common,
+               f"hydra.sweep.dir={one_node}", "hydra.launcher.tasks_per_node=2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def reached() -> bool:
+            run_dir = _member_dir(one_node)
+            return bool(run_dir and checkpoint_saved(run_dir / "checkpoints", 3)
+                        and any(m["step"] == 4 for m in _losses(run_dir)))
+        _wait_for(reached, proc)
+        (job_id,) = [p.name for p in (one_node / ".submitit").iterdir() if p.name.isdigit()]
+        requeued = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
+        assert requeued.returncode == 0, requeued.stderr
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    member = check_one_zero3_run(one_node)
+    run_dir = Path(member["run_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    resumed_at = int(summary["resumed_from"].split("-")[1])  # the newest complete checkpoint when the kill landed
+    assert 3 <= resumed_at < 18 and resumed_at % 3 == 0, summary
+    assert read_finished(run_dir)["attempt"] == f"{job_id}:1"  # finished by the job's second start
+    assert _job(job_id).get("Restarts") == "1"
+    final = _losses(run_dir)[-1]
+    assert final["step"] == reference["step"] == 18
+    assert final["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+
+
+def test_entry_points_other_than_train_refuse_several_tasks(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "-m", "hydra/launcher=slurm_local",
+                           "hydra.launcher.tasks_per_node=2", "model=tiny", f"hydra.sweep.dir={sweep}", "tag_mode=positive,none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, "error: hydra.launcher: 2 Slurm tasks per member (nodes x tasks_per_node) are ranks of "
+                                "one training run; evaluate.py runs as one task: use hydra.launcher.nodes=1 "
+                                "hydra.launcher.tasks_per_node=1")
+    assert not (sweep / ".submitit").exists()

@@ -52,12 +52,14 @@ def _ds_expected(stage: int, **zero_extra) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3, "train_batch_size": 12,
         "gradient_clipping": 0.5, "bf16": {"enabled": True},
-        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, **zero_extra},
+        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 64 * 64,
+                              **zero_extra},
         "steps_per_print": 10**9, "wall_clock_breakdown": False,
     }
 
 
-_ZERO3 = {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0}
+_ZERO3 = {"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": 3686,  # int(0.9 * 64 * 64)
+          "stage3_param_persistence_threshold": 640}
 _OFFLOAD = {"offload_optimizer": {"device": "cpu", "pin_memory": True}, "offload_param": {"device": "cpu", "pin_memory": True}}
 
 
@@ -72,21 +74,22 @@ def test_deepspeed_config_of_each_stage(stage, expected):
     and forward, grad_accum of them per step on 4 ranks), ZeRO-3 saves gathered, offload with its own AdamW."""
     trainer = composed(f"trainer={stage}", "trainer.grad_accum=3", "trainer.lr=3e-4", "trainer.weight_decay=0.1",
                        "trainer.max_grad_norm=0.5")["trainer"]
-    assert deepspeed_config.build(trainer, world_size=4, bf16=True) == expected
+    assert deepspeed_config.build(trainer, world_size=4, bf16=True, hidden_size=64, on_gpu=False) == expected
 
 
 def test_deepspeed_off_and_fp32():
     """No DeepSpeed without a stage; bf16 off is written as off."""
     trainer = composed("trainer=zero2")["trainer"]
-    assert deepspeed_config.build(composed("trainer=lora")["trainer"], world_size=2, bf16=True) is None
-    assert deepspeed_config.build(trainer, world_size=1, bf16=False)["bf16"] == {"enabled": False}
+    assert deepspeed_config.build(composed("trainer=lora")["trainer"], world_size=2, bf16=True, hidden_size=64, on_gpu=True) is None
+    assert deepspeed_config.build(trainer, world_size=1, bf16=False, hidden_size=64, on_gpu=False)["bf16"] == {"enabled": False}
 
 
 def test_unknown_deepspeed_stage_is_an_error():
     """A stage that is not one of the presets is rejected with the choices, by build as by check_stage."""
     message = "trainer.deepspeed='zero1' is not a DeepSpeed setting; choose null or one of: zero2, zero3, zero3_offload"
     with pytest.raises(NegagentError) as raised:
-        deepspeed_config.build({"deepspeed": "zero1", "grad_accum": 1, "max_grad_norm": 1.0}, world_size=1, bf16=False)
+        deepspeed_config.build({"deepspeed": "zero1", "grad_accum": 1, "max_grad_norm": 1.0}, world_size=1, bf16=False,
+                               hidden_size=64, on_gpu=False)
     assert str(raised.value) == message
     deepspeed_config.check_stage(None)
 
@@ -100,7 +103,7 @@ def test_paper_global_batch_of_64_over_world_sizes(world_size, grad_accum):
     assert (trainer["global_batch_size"], trainer["per_device_batch_size"]) == (64, 4)
     assert type(training.resolve_grad_accum(trainer, world_size)) is int
     assert training.resolve_grad_accum(trainer, world_size) == grad_accum
-    ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=False)
+    ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=False, hidden_size=64, on_gpu=False)
     assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (grad_accum, grad_accum * world_size)
     assert ds["optimizer"]["params"]["lr"] == 5e-5 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
 
@@ -222,7 +225,7 @@ def test_training_arguments_on_cpu_ranks(tmp_path, monkeypatch, trainer, world_s
     prepared = []
     monkeypatch.setattr(transformers, "TrainingArguments", _Arguments)
     monkeypatch.setattr(training, "_deepspeed_state_on_cpu", lambda: prepared.append(True))
-    monkeypatch.setattr(deepspeed_config, "build", lambda t, world_size, bf16: None if not t.get("deepspeed") else
+    monkeypatch.setattr(deepspeed_config, "build", lambda t, world_size, bf16, **_: None if not t.get("deepspeed") else
                         {"grad_accum": t["grad_accum"], "world_size": world_size})
     cfg = composed("debug=smoke", f"trainer={trainer}", f"trainer.bf16={bf16}", "trainer.max_steps=2", "trainer.lr=2e-4",
                    "trainer.epochs=1", "trainer.scheduler=cosine", "trainer.warmup_ratio=0.03", "trainer.weight_decay=0",
@@ -445,7 +448,8 @@ def test_in_process_run_summary_counts_what_was_trained(trained):
         "real_tokens": sum(len(samples[i].input_ids) for i in ran),
         "trained_tokens": sum(label != IGNORE for i in ran for label in samples[i].labels[1:]),
         "train_seconds": runtime, "tokens_per_s": pytest.approx(summary["real_tokens"] / runtime, rel=0.05),
-        "activation_checkpointing": False, "saved": {"kind": "adapter", "parameters": saved_count, "sha256": saved_sha},
+        "activation_checkpointing": False, "peak_memory_gib": None,
+        "saved": {"kind": "adapter", "parameters": saved_count, "sha256": saved_sha},
     }
     assert runtime > 0 and json.loads((run_dir / "summary.json").read_text()) == summary
 
@@ -581,7 +585,7 @@ def test_saved_weights_are_read_from_every_file(tmp_path):
     state = Small().state_dict()
     save_file({"first.weight": state["first.weight"]}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"first.bias": state["first.bias"]}, tmp_path / "model-00002-of-00002.safetensors")
-    assert sorted(checkpoint.saved_weights(tmp_path)) == ["first.bias", "first.weight"]
+    assert sorted(checkpoint.saved_records(tmp_path)) == ["first.bias", "first.weight"]
 
 
 def test_adapter_save_is_verified_against_the_trainable_adapter(tmp_path):
@@ -601,9 +605,11 @@ def test_adapter_save_is_verified_against_the_trainable_adapter(tmp_path):
 
 
 def test_tensor_digest_is_sha256_of_names_dtypes_shapes_and_bytes():
-    """The documented format: per tensor in name order `name|dtype|shape|` then its raw bytes."""
+    """The documented format: SHA-256 over, in name order, each tensor's SHA-256 of `name|dtype|shape|`
+    then its raw bytes."""
     tensors = {"w": torch.tensor([1, 2], dtype=torch.uint8), "e": torch.zeros(0, 3)}
-    expected = hashlib.sha256(b"e|torch.float32|(0, 3)|" + b"w|torch.uint8|(2,)|" + b"\x01\x02").hexdigest()
+    expected = hashlib.sha256(hashlib.sha256(b"e|torch.float32|(0, 3)|").digest()
+                              + hashlib.sha256(b"w|torch.uint8|(2,)|" + b"\x01\x02").digest()).hexdigest()
     assert checkpoint.tensor_digest(tensors) == (2, expected)
 
 

@@ -6,6 +6,12 @@ already finished (negagent.sweep's done markers), waits for all of them, followi
 squeue since accounting may be off, writes `<sweep dir>/sweep.json`, prints one line per failed
 member with its log path, and exits non-zero when any member failed. Inside the job it skips a
 member that finished meanwhile (a requeue) and marks a member done when it succeeds.
+
+A member of several Slurm tasks (`tasks_per_node` > 1 or `nodes` > 1; train.py only) is one
+training run with one rank per task: every task gets the torchrun contract (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR = the first node's Slurm address, MASTER_PORT); the task of rank 0 runs the
+Hydra job (train.py: freeze, train as rank 0, evaluate, mark done) and the other tasks follow it
+through `negagent.training.launch.follow_rank_zero` without running the job.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from negagent.errors import NegagentError, exit_on_user_error
 from negagent.rundir import read_finished
 from negagent.sweep import (SweepMember, check_distinct_dirs, check_partition, check_sbatch, finished, last_error_line,
-                            mark_done, member_dir, member_hash, queued_job_ids, write_status)
+                            mark_done, member_dir, member_hash, queued_job_ids, run_slurm_command, write_status)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,11 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 member.status = "skipped"
                 log.info(f"skip {member.label}: finished earlier in {member.run_dir}")
         to_run = [member for member in members if member.status != "skipped"]
+        tasks = int(self.params.get("nodes") or 1) * int(self.params.get("tasks_per_node") or 1)
+        if tasks > 1 and str(self.config.hydra.job.name) != "train":
+            raise NegagentError(f"hydra.launcher: {tasks} Slurm tasks per member (nodes x tasks_per_node) are ranks of "
+                                f"one training run; {self.config.hydra.job.name}.py runs as one task: use "
+                                "hydra.launcher.nodes=1 hydra.launcher.tasks_per_node=1")
         if to_run:
             check_sbatch()
             check_partition(self.params.get("partition"))
@@ -186,11 +197,14 @@ class SlurmLauncher(SubmititSlurmLauncher):
         if finished(run_dir, digest) and (read_finished(run_dir) or {}).get("attempt") != attempt:
             print(f"skip: {run_dir} already finished (config {digest})", flush=True)  # e.g. requeued after it finished
             return JobReturn(overrides=list(sweep_overrides), working_dir=run_dir, status=JobStatus.COMPLETED)
+        gate = None
         if environment.num_tasks > 1:
-            # One task per GPU: each task is one rank of the member's run. Export the torchrun contract
-            # (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) so training starts as one rank, exactly as
-            # under a local `deepspeed`/`torchrun` launch; every GPU stays visible, LOCAL_RANK picks one.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            from negagent.training import launch
+
+            _export_rank_environment(environment)
+            if environment.global_rank != 0:
+                return _follow(list(sweep_overrides), Path(run_dir))
+            gate = launch.RANK_GATE = launch.RankGate.open_host()  # before the slow part: the others wait on it
         ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
         if ret.status == JobStatus.COMPLETED and environment.global_rank == 0:
@@ -199,4 +213,44 @@ class SlurmLauncher(SubmititSlurmLauncher):
             exc = ret._return_value
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
             sys.stderr.flush()
+        if gate is not None:  # rank 0 ended without training (trained earlier, or failed first): release the others
+            failed = ret.status == JobStatus.FAILED
+            gate.say("ended", error=f"{type(ret._return_value).__name__}: {ret._return_value}" if failed else None)
         return ret
+
+
+def _export_rank_environment(environment: Any) -> None:
+    """The torchrun contract for this task (one task per GPU; every GPU stays visible and LOCAL_RANK
+    picks one). MASTER_ADDR is the first node's address as Slurm knows it (NodeAddr), which resolves
+    where the node's name may not (a cluster's internal names, several nodes on one host)."""
+    import submitit
+
+    distributed = submitit.helpers.TorchDistributedEnvironment()
+    distributed.master_addr = node_address(distributed.master_addr)
+    distributed.export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def node_address(node: str) -> str:
+    """The NodeAddr of a Slurm node (`scontrol show node`), or the name itself when Slurm gives none."""
+    try:
+        text = run_slurm_command(["scontrol", "show", "node", node, "--oneliner"])
+    except NegagentError:
+        return node
+    for field in text.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or node
+    return node
+
+
+def _follow(overrides: list[str], run_dir: Path) -> JobReturn:
+    """A task other than rank 0's: train as its rank once rank 0 says so (never runs the Hydra job)."""
+    from negagent.training import launch
+
+    ret = JobReturn(overrides=overrides, working_dir=str(run_dir))
+    try:
+        ret.return_value = launch.follow_rank_zero(run_dir)
+        ret.status = JobStatus.COMPLETED
+    except NegagentError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        ret.return_value, ret.status = exc, JobStatus.FAILED
+    return ret

@@ -10,6 +10,10 @@ as much per row as generating dozens of tokens. With `prefix_cache`, the key/val
 prefix all rows of a batch share is computed once, kept, and copied into each batch; rows are laid
 out as [shared prefix][padding][rest of prompt] with the padding masked, and position ids follow
 the attention mask, so every row is computed exactly as its unpadded prompt would be.
+
+The model runs with the model config's `attn_implementation` and in the generation dtype of
+`negagent.models.resolve_dtype` (`backend.dtype`, else `model.dtype`; `auto`: bfloat16 on a CUDA GPU
+with bf16, float32 on CPU), whichever way its weights were loaded.
 """
 
 from __future__ import annotations
@@ -116,13 +120,34 @@ class HFBackend:
         return texts
 
 
-def build(cfg, *, model, renderer: Renderer, **_):
-    """An HFBackend over an already loaded `model` (`cfg.batch_size` rows per generate call).
+def with_model_settings(model, cfg, model_cfg):
+    """`model` in the generation dtype for its device and with `model_cfg`'s attention implementation.
+
+    `negagent.models.load_model` already loads in that dtype; a full fine-tuned run's weights load in
+    their saved dtype and a model moved to CPU on a GPU host is cast here.
+    """
+    from negagent.models import attn_implementation, check_model_settings, resolve_dtype
+
+    check_model_settings(model_cfg)
+    dtype = resolve_dtype(cfg.get("dtype") or model_cfg.get("dtype"), training=False, device=model.device)
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    attn = attn_implementation(model_cfg)
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def build(cfg, *, model, renderer: Renderer, subject=None, **_):
+    """An HFBackend over an already loaded `model` (`cfg.batch_size` rows per generate call), with
+    the dtype and attention implementation of `with_model_settings` (`subject`: the
+    `negagent.model_source.ModelSource` whose `model_cfg` names them).
 
     `cfg.threads` sets torch's CPU threads (null: torch's default, one per core); on a busy machine
     fewer threads than cores avoid threads waiting on each other.
     """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    model = with_model_settings(model, cfg, subject.model_cfg if subject is not None else {})
     return HFBackend(model, renderer, batch_size=int(cfg.get("batch_size", 16)), name=str(cfg.get("label") or "hf"),
                      prefix_cache=bool(cfg.get("prefix_cache", True)))

@@ -4,9 +4,12 @@ Every micro-batch holds `batch_size` samples (the last ones may hold fewer). Mod
 - `grouped`: samples of similar length go together (seeded shuffle, then sorted inside windows of
   `GROUP_WINDOW` micro-batches) and are padded to the longest; few pads, no cross-sample compute.
 - `packed`: the samples are laid end to end in one row with no padding at all; `position_ids`
-  restart at 0 for each sample, which transformers' mask builder reads as separate sequences, so
-  attention never crosses a sample boundary (tests check this). Best with variable-length
-  attention kernels (flash-attention on GPU); sdpa/eager still compute the masked square.
+  restart at 0 for each sample, which transformers' mask builder reads as separate sequences when
+  there is no attention_mask, so attention never crosses a sample boundary with sdpa or eager (tests
+  check this); they still compute the masked square. For flash-attention (`varlen=True`) the row
+  also carries its variable-length arguments, as transformers' `DataCollatorWithFlattening(
+  return_flash_attn_kwargs=True)` lays them out: `cu_seq_lens_q/k` (int32 sample boundaries) and
+  `max_length_q/k` (Python ints), so the kernel attends within each sample and computes no square.
 - `padded`: random samples padded to the longest (what the paper's code does); for comparison.
 
 Targets are shifted inside each sample (`targets[i]` is the label of token `i + 1`), so a packed
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -75,18 +78,28 @@ def _sample_arrays(sample: RenderedSample, loss_norm: str) -> tuple[list[int], l
     return list(sample.input_ids), targets, [weight if t != IGNORE else 0.0 for t in targets]
 
 
-def collate(samples: Sequence[RenderedSample], indices: Sequence[int], *, packed: bool, pad_id: int, loss_norm: str) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[RenderedSample], indices: Sequence[int], *, packed: bool, pad_id: int, loss_norm: str,
+            varlen: bool = False) -> dict[str, Any]:
     """Tensors of one micro-batch: input_ids, targets, weights, sample_index, and either
-    position_ids (packed, one row) or attention_mask (padded rows)."""
+    position_ids (packed, one row; with `varlen` also flash-attention's cu_seq_lens_q/k and
+    max_length_q/k) or attention_mask (padded rows; `varlen` changes nothing there)."""
     if loss_norm not in LOSS_NORMS:
         raise NegagentError(f"trainer.loss_norm={loss_norm!r} is not one of {', '.join(LOSS_NORMS)}")
     arrays = [_sample_arrays(s, loss_norm) for s in samples]
-    batch: dict[str, torch.Tensor] = {"sample_index": torch.tensor(list(indices), dtype=torch.long)}
+    batch: dict[str, Any] = {"sample_index": torch.tensor(list(indices), dtype=torch.long)}
     if packed:
         batch["input_ids"] = torch.tensor([[t for ids, _, _ in arrays for t in ids]])
         batch["position_ids"] = torch.tensor([[p for ids, _, _ in arrays for p in range(len(ids))]])
         batch["targets"] = torch.tensor([[t for _, tg, _ in arrays for t in tg]])
         batch["weights"] = torch.tensor([[w for _, _, ws in arrays for w in ws]], dtype=torch.float32)
+        if varlen:
+            lengths = [len(ids) for ids, _, _ in arrays]
+            bounds = [0]
+            for n in lengths:
+                bounds.append(bounds[-1] + n)
+            for side in ("q", "k"):
+                batch[f"cu_seq_lens_{side}"] = torch.tensor(bounds, dtype=torch.int32)
+                batch[f"max_length_{side}"] = max(lengths)
         return batch
     width = max(len(ids) for ids, _, _ in arrays)
     rows = len(arrays)
@@ -119,21 +132,24 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """A dataset whose items are whole micro-batches (use with batch size 1 and `first_item`)."""
+    """A dataset whose items are whole micro-batches (use with batch size 1 and `first_item`);
+    `varlen`: packed rows carry flash-attention's variable-length arguments (see `collate`)."""
 
-    def __init__(self, samples: Sequence[RenderedSample], plan: list[list[int]], *, mode: str, pad_id: int, loss_norm: str):
+    def __init__(self, samples: Sequence[RenderedSample], plan: list[list[int]], *, mode: str, pad_id: int, loss_norm: str,
+                 varlen: bool = False):
         self.samples, self.plan = samples, plan
-        self.packed, self.pad_id, self.loss_norm = mode == "packed", pad_id, loss_norm
+        self.packed, self.pad_id, self.loss_norm, self.varlen = mode == "packed", pad_id, loss_norm, varlen
         collate([samples[0]], [0], packed=self.packed, pad_id=pad_id, loss_norm=loss_norm)  # fail early on bad settings
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, k: int) -> dict[str, Any]:
         idx = self.plan[k]
-        return collate([self.samples[i] for i in idx], idx, packed=self.packed, pad_id=self.pad_id, loss_norm=self.loss_norm)
+        return collate([self.samples[i] for i in idx], idx, packed=self.packed, pad_id=self.pad_id, loss_norm=self.loss_norm,
+                       varlen=self.varlen)
 
 
-def first_item(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def first_item(items: list[dict[str, Any]]) -> dict[str, Any]:
     """DataLoader collate function for `MicroBatches` (each item is already a micro-batch)."""
     return items[0]

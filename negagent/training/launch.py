@@ -8,6 +8,13 @@ ranks are started (torchrun) on this module's plain entry point, which reads tha
 So there is one output directory, and ranks never see Hydra or a `--local_rank` argument. One
 process without DeepSpeed trains inside the Hydra process instead.
 
+On a cluster every rank is started by the cluster instead (one Slurm task per GPU, on one node or
+several; see hydra_plugins/negagent_launcher): the task of rank 0 runs train.py, freezes the config
+and trains in its own process as rank 0; the other tasks never run train.py and write nothing but
+their own `ranks/rank<N>.*` records: each waits at a `RankGate` (a TCP store that rank 0 hosts
+beside the rendezvous port) until rank 0 says "train", then trains in its own process on the frozen
+config, or stops with rank 0's error when rank 0 ends without training.
+
 Run directory rules (file names in `negagent.rundir`): a finished run is never written into
 again; a directory holding an unfinished run with the same config is resumed from its last
 checkpoint; one holding a different config is refused.
@@ -15,10 +22,12 @@ checkpoint; one holding a different config is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -143,27 +152,148 @@ def rank_command(run_dir: Path, nproc: int) -> list[str]:
             "-m", "negagent.training.launch", str(run_dir)]
 
 
+def rank_env(ranks_here: int) -> dict[str, str]:
+    """Environment a training rank needs beyond the launch contract, given the ranks on this machine:
+    without a GPU, DeepSpeed's CPU accelerator and this machine's cores split between the ranks."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    return {"DS_ACCELERATOR": "cpu",  # DeepSpeed's CPU accelerator: ZeRO on CPU processes
+            "OMP_NUM_THREADS": str(max(1, available_slots()[0] // max(1, ranks_here)))}
+
+
+def started_as_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one rank of a launch that started every rank itself
+    (RANK and WORLD_SIZE set, world size above 1); None for a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+class RankGate:
+    """Rank 0 tells the other ranks of a cluster-started launch whether to train in this attempt.
+
+    Rank 0 hosts a TCP store on MASTER_ADDR at MASTER_PORT + 1 (the rendezvous port itself is the
+    process group's); the others connect and wait for one key, `state`: {"state": "train"} once
+    rank 0 has frozen the config, or {"state": "ended", "error": ...} when rank 0 ends without
+    training (the run was trained already, or it failed first). A rank 0 that dies closes the store,
+    and the waiting ranks stop with an error instead of waiting for the time limit.
+    """
+
+    KEY = "state"
+    CONNECT_S = 1800  # rank 0's task may start long after the others (node boot, imports)
+    POLL_S = 60
+
+    def __init__(self, store: Any, host: bool):
+        self.store, self.host, self.said = store, host, None
+
+    @staticmethod
+    def _address() -> tuple[str, int]:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1
+
+    @classmethod
+    def open_host(cls) -> "RankGate":
+        """Rank 0: host the store (before the slow part of rank 0's work starts)."""
+        import torch.distributed as dist
+
+        addr, port = cls._address()
+        store = dist.TCPStore(addr, port, int(os.environ["WORLD_SIZE"]), True, timedelta(seconds=cls.CONNECT_S),
+                              wait_for_workers=False)
+        return cls(store, host=True)
+
+    @classmethod
+    def join(cls) -> "RankGate":
+        """Another rank: connect to rank 0's store (retried until CONNECT_S)."""
+        import torch.distributed as dist
+
+        addr, port = cls._address()
+        try:
+            store = dist.TCPStore(addr, port, int(os.environ["WORLD_SIZE"]), False, timedelta(seconds=cls.CONNECT_S))
+        except (RuntimeError, dist.DistError) as exc:
+            raise NegagentError(f"rank {os.environ.get('RANK')}: rank 0 did not open its gate at {addr}:{port} "
+                                f"within {cls.CONNECT_S} s ({' '.join(str(exc).split())[:200]})") from None
+        return cls(store, host=False)
+
+    def say(self, state: str, error: str | None = None) -> None:
+        """Rank 0: tell the others (once; later calls are ignored)."""
+        if self.said is None:
+            self.said = state
+            self.store.set(self.KEY, json.dumps({"state": state, "error": error}))
+
+    def wait(self) -> dict[str, Any]:
+        """Another rank: rank 0's word, waiting as long as rank 0 lives."""
+        import torch.distributed as dist
+
+        while True:
+            try:
+                self.store.wait([self.KEY], timedelta(seconds=self.POLL_S))
+                return json.loads(self.store.get(self.KEY))
+            except dist.DistStoreError:  # not said yet, rank 0 still there: keep waiting
+                continue
+            except (RuntimeError, dist.DistError):
+                raise NegagentError(f"rank {os.environ.get('RANK')}: rank 0 ended before it said whether to train "
+                                    "(its log says why); run the same command again to resume") from None
+
+
+# The gate of this process when it is rank 0 of a cluster-started launch (set by the launcher).
+RANK_GATE: RankGate | None = None
+
+
+def follow_rank_zero(run_dir: Path) -> str:
+    """A rank other than 0 of a cluster-started launch: wait for rank 0's word, then train as this
+    rank on the frozen config. Returns "trained" or "skipped" (rank 0 ended without training)."""
+    word = RankGate.join().wait()
+    if word["state"] != "train":
+        if word.get("error"):
+            raise NegagentError(f"rank {os.environ.get('RANK')}: not training, rank 0 failed: {word['error']}")
+        return "skipped"
+    for key, value in rank_env(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))).items():
+        os.environ.setdefault(key, value)
+    from negagent.training.recipe import train
+
+    train(rundir.read_config(run_dir)[0], run_dir)
+    return "trained"
+
+
 def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
-    """Train: in this process (one rank, no DeepSpeed) or on `nproc_per_node` torchrun ranks."""
+    """Train: in this process (one rank, no DeepSpeed), on `nproc_per_node` torchrun ranks, or, when
+    the cluster started every rank (one task per GPU), as rank 0 with the others behind the gate."""
     trainer = resolved["trainer"]
     nproc = int(trainer["nproc_per_node"])
+    if started_as_rank():
+        _run_as_rank_zero(run_dir, resolved, nproc)
+        return
     if nproc == 1 and not trainer.get("deepspeed"):
         from negagent.training.recipe import train
 
         train(resolved, run_dir)
         return
-    import torch
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: ZeRO on CPU processes
-        env.setdefault("OMP_NUM_THREADS", str(max(1, available_slots()[0] // nproc)))
+    for key, value in rank_env(nproc).items():
+        env.setdefault(key, value)
     rc = subprocess.call(rank_command(run_dir, nproc), env=env)
     if rc != 0:
         raise NegagentError(f"training ranks failed (exit {rc}); the lines above say why; rerun the same command to resume")
     if not rundir.is_trained(run_dir):
         raise NegagentError(f"{run_dir}: the ranks exited without a verified final save")
+
+
+def _run_as_rank_zero(run_dir: Path, resolved: Mapping[str, Any], nproc: int) -> None:
+    rank, world = started_as_rank()
+    if RANK_GATE is None or rank != 0:
+        raise NegagentError(f"train.py was started as rank {rank} of {world} (RANK/WORLD_SIZE are set), but it is "
+                            "one process: use trainer.nproc_per_node=N on one machine, or a Slurm launcher preset "
+                            "(hydra/launcher=slurm_gpu_node) that starts one task per GPU")
+    if nproc != 1:
+        raise NegagentError(f"trainer.nproc_per_node={nproc}, but this member's {world} Slurm tasks are its ranks "
+                            "already; leave trainer.nproc_per_node at 1 (GPUs per member: hydra.launcher.tasks_per_node)")
+    for key, value in rank_env(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))).items():
+        os.environ.setdefault(key, value)
+    RANK_GATE.say("train")
+    from negagent.training.recipe import train
+
+    train(resolved, run_dir)
 
 
 def _die_with_launcher() -> None:

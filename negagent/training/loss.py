@@ -48,7 +48,11 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 def trained_logits(model: torch.nn.Module, inputs: Mapping[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """(logits, model output) for a micro-batch; logits are `(n_trained, vocab)` at the trained
     positions where the model supports a boolean `logits_to_keep` (transformers' causal LMs),
-    otherwise at every position. Either shape goes straight into `weighted_loss_sum`."""
+    otherwise at every position. Either shape goes straight into `weighted_loss_sum`.
+
+    `inputs` reach the model as given: a packed row's position_ids and, for flash-attention, its
+    variable-length arguments (cu_seq_lens_q/k, max_length_q/k) are what keep samples apart.
+    """
     if accepts_logits_to_keep(model):
         outputs = model(**inputs, use_cache=False, logits_to_keep=(targets != IGNORE).to(targets.device))
     else:

@@ -1,7 +1,8 @@
 """The training recipe: frozen config -> trained adapter or model, verified, in the run directory.
 
-Reads top to bottom in `train`: arguments (before the model, so ZeRO-3 partitions it while it
-loads), data (the same `negagent.training.data.prepare` the entry point ran, checked against its manifest),
+Reads top to bottom in `train`: the memory line (`negagent.training.memory`: refuse model states
+that cannot fit, before anything is loaded), arguments (before the model, so ZeRO-3 partitions it
+while it loads), data (the same `negagent.training.data.prepare` the entry point ran, checked against its manifest),
 micro-batch plan, model (+ LoRA), the HF `Trainer` with this project's loss, resume from the last
 checkpoint, final save, verification, summary, `done`. Run it once per rank; `negagent.training.launch`
 starts the ranks.
@@ -29,6 +30,8 @@ import torch
 from negagent.training import batching
 from negagent.training import checkpoint
 from negagent.training import deepspeed_config
+from negagent.training import memory
+from negagent import models
 from negagent import rundir
 from negagent.errors import NegagentError
 from negagent.training.tracking import RunTracker
@@ -117,7 +120,8 @@ def _trainer_class():
             from negagent.training.loss import trained_logits, weighted_loss_sum
 
             targets, weights = inputs.pop("targets"), inputs.pop("weights")
-            sample_index = inputs.pop("sample_index")
+            sample_index = inputs.pop("sample_index")  # what remains goes to the model as it is (packed rows:
+            # position_ids and, for flash-attention, cu_seq_lens_q/k and max_length_q/k)
             if model.training and self.order_log is not None:
                 with self.order_log.open("a") as fh:
                     fh.write(json.dumps({"step": self.state.global_step, "samples": sample_index.tolist()}) + "\n")
@@ -155,8 +159,11 @@ def training_arguments(cfg: Mapping[str, Any], run_dir: Path, world_size: int):
     trainer = cfg["trainer"]
     bf16 = resolve_bf16(trainer["bf16"])
     grad_accum = resolve_grad_accum(trainer, world_size)
-    ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=bf16)
     on_cpu = not torch.cuda.is_available()
+    # Only DeepSpeed's bucket sizes need the hidden size; reading the model's config costs a load.
+    hidden = deepspeed_config.hidden_size(models.model_config(cfg["model"])) if trainer.get("deepspeed") else 0
+    ds = deepspeed_config.build({**trainer, "grad_accum": grad_accum}, world_size=world_size, bf16=bf16,
+                                hidden_size=hidden, on_gpu=not on_cpu)
     extra: dict[str, Any] = {}
     if on_cpu and ds is not None and world_size > 1:
         extra["accelerator_config"] = {"use_configured_state": True}
@@ -216,7 +223,7 @@ def build_model(cfg: Mapping[str, Any]):
     from negagent.models import load_model
 
     trainer = cfg["trainer"]
-    model = load_model(cfg["model"])
+    model = load_model(cfg["model"], training=True)
     model.config.use_cache = False
     if trainer["method"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -257,11 +264,15 @@ def _partition_facts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, as a new CPU tensor (`t` itself stays this rank's)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        t = t.clone()
+        # GPU ranks talk over NCCL, which reduces only CUDA tensors; CPU ranks over gloo.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        t = t.to(device, copy=True)
         dist.all_reduce(t)
+        t = t.cpu()
     return t
 
 
@@ -302,12 +313,15 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
     is_main = rank == 0
     trainer_cfg = cfg["trainer"]
     check_trainer_config(trainer_cfg)
-    args = training_arguments(cfg, run_dir, world_size)  # first: sets up ZeRO-3 partitioned loading
+    models.check_model_settings(cfg["model"])
+    memory.report(cfg, world_size=world_size, bf16=resolve_bf16(trainer_cfg["bf16"]), is_main=is_main)
+    args = training_arguments(cfg, run_dir, world_size)  # before the model: sets up ZeRO-3 partitioned loading
     samples, tokenizer = _samples(cfg, run_dir)
     plan = batching.plan_micro_batches([len(s.input_ids) for s in samples], int(trainer_cfg["per_device_batch_size"]),
                                        trainer_cfg["batching"], seed=int(cfg["seed"]), world_size=world_size)
     dataset = batching.MicroBatches(samples, plan, mode=trainer_cfg["batching"], pad_id=tokenizer.pad_token_id,
-                                    loss_norm=trainer_cfg["loss_norm"])
+                                    loss_norm=trainer_cfg["loss_norm"],
+                                    varlen=models.attn_implementation(cfg["model"]) == "flash_attention_2")
     set_seed(int(cfg["seed"]))
     model = build_model(cfg)
     ranks_dir = run_dir / rundir.RANKS
@@ -346,6 +360,8 @@ def train(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
             "train_seconds": round(runtime, 2),
             "tokens_per_s": round(float(tokens[0]) / runtime, 1) if runtime > 0 else None,
             "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+            # this rank's peak of allocated GPU memory (null on CPU), for benchmarks
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
             "saved": {"kind": "adapter" if trainer_cfg["method"] == "lora" else "model", **verified},
         }
         if is_main:
