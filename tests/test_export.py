@@ -285,8 +285,12 @@ def test_no_merge_copies_the_adapter_which_loads_on_the_base_model(run_dir, expo
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).read_bytes() == (run_dir / name).read_bytes()
     ids = renderer.prompt_ids(PROMPT)
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(load_model(TINY_MODEL), out).eval(), ids),
-                               _logits(AutoModelForCausalLM.from_pretrained(exported[0]).eval(), ids), atol=1e-5, rtol=0)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(exported[0]).eval(), ids)
+    # Merged and unmerged float32 weights round differently (seen: 1.9e-5 on logits of a few units);
+    # the adapter itself moves the logits by far more than the tolerance (asserted below).
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(load_model(TINY_MODEL), out).eval(), ids), merged,
+                               atol=1e-4, rtol=0)
+    assert (_logits(load_model(TINY_MODEL).eval(), ids) - merged).abs().max() > 1e-2
     facts = json.loads((out / FACTS).read_text())
     assert (facts["weights"], facts["evaluation"], facts["run_name"]) == ("adapter", None, "unfinished")
     frozen_model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
