@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from safetensors.torch import load_file
+
 from negagent.rundir import read_finished
+from negagent.training.checkpoint import tensor_digest
 from negagent.sweep import STATUS_FILE
 from negagent.trajectory import write_trajectories
 from tests.helpers import assert_one_line_error, make_traj
@@ -195,6 +198,10 @@ def check_one_zero3_run(sweep: Path) -> dict:
     first_epoch = [set().union(*(set(line["samples"]) for line in order if line["step"] < 6)) for order in orders]
     assert not first_epoch[0] & first_epoch[1] and first_epoch[0] | first_epoch[1] == set(range(ZERO3_SAMPLES))
     assert summary["saved"]["kind"] == "model" and summary["saved"]["parameters"] == facts[0]["param_elements"]
+    saved = load_file(run_dir / "model.safetensors")  # the gathered model, not the shards
+    assert (sum(t.numel() for t in saved.values()), tensor_digest(saved)) == (
+        facts[0]["param_elements"], (facts[0]["param_elements"], summary["saved"]["sha256"]))
+    assert saved["model.embed_tokens.weight"].abs().sum() > 0
     assert (run_dir / "done").is_file() and read_finished(run_dir)["config_hash"] == member["config_hash"]
     assert sorted(p.name for p in (run_dir / "ranks").iterdir()) == [
         "rank0.json", "rank0.order.jsonl", "rank1.json", "rank1.order.jsonl"]

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from negagent.training.checkpoint import tensor_digest
@@ -32,7 +31,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores for 2 ranks")
-@pytest.mark.parametrize("method,lr", [("full", "1e-3"), ("lora", "1e-2")])
+# Full fine-tuning under ZeRO-3 on 2 ranks (one member of two Slurm tasks, requeued and resumed) is
+# tests/test_slurm.py's; here the torchrun path (trainer.nproc_per_node=2) trains a LoRA adapter.
+@pytest.mark.parametrize("method,lr", [("lora", "1e-2")])
 def test_zero3_two_ranks_disjoint_partitioned_resumed_and_verified(tmp_path, method, lr):
     trajectories = tmp_path / "arith.jsonl"
     write_trajectories(trajectories, [make_traj(i, i % 3 != 0, turns=2 + i % 3) for i in range(N_SAMPLES)])
@@ -91,11 +92,4 @@ def test_zero3_two_ranks_disjoint_partitioned_resumed_and_verified(tmp_path, met
     saved = load_file(run_dir / name)
     count, checksum = tensor_digest(saved)
     assert summary["saved"] == {"kind": "adapter" if method == "lora" else "model", "parameters": count, "sha256": checksum}
-    if method == "full":
-        assert count == facts[0]["param_elements"]
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(run_dir)
-        assert torch.equal(model.model.embed_tokens.weight, saved["model.embed_tokens.weight"])
-    else:
-        assert all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k), "LoRA B weights lost (still zero)"
+    assert all(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k), "LoRA B weights lost (still zero)"
