@@ -154,3 +154,13 @@ def test_started_as_rank_reads_the_launch_contract(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     assert launch.started_as_rank() == (3, 4)
+
+
+def test_a_gate_port_in_use_is_one_line(rank_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(rank_env["MASTER_PORT"]) + 1))
+        taken.listen()
+        with pytest.raises(NegagentError) as err:
+            launch.RankGate.open_host()
+    assert str(err.value).startswith(f"rank 0: cannot open its gate at 127.0.0.1:{int(rank_env['MASTER_PORT']) + 1} "
+                                     "(MASTER_PORT + 1; is the port in use?): ")

@@ -197,8 +197,12 @@ class RankGate:
         import torch.distributed as dist
 
         addr, port = cls._address()
-        store = dist.TCPStore(addr, port, int(os.environ["WORLD_SIZE"]), True, timedelta(seconds=cls.CONNECT_S),
-                              wait_for_workers=False)
+        try:
+            store = dist.TCPStore(addr, port, int(os.environ["WORLD_SIZE"]), True, timedelta(seconds=cls.CONNECT_S),
+                                  wait_for_workers=False)
+        except (RuntimeError, dist.DistError) as exc:
+            raise NegagentError(f"rank 0: cannot open its gate at {addr}:{port} (MASTER_PORT + 1; is the port in "
+                                f"use?): {' '.join(str(exc).split())[:200]}") from None
         return cls(store, host=True)
 
     @classmethod
