@@ -24,6 +24,7 @@ repeated to even them out.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from typing import Any, Sequence
@@ -94,9 +95,7 @@ def collate(samples: Sequence[RenderedSample], indices: Sequence[int], *, packed
         batch["weights"] = torch.tensor([[w for _, _, ws in arrays for w in ws]], dtype=torch.float32)
         if varlen:
             lengths = [len(ids) for ids, _, _ in arrays]
-            bounds = [0]
-            for n in lengths:
-                bounds.append(bounds[-1] + n)
+            bounds = [0, *itertools.accumulate(lengths)]
             for side in ("q", "k"):
                 batch[f"cu_seq_lens_{side}"] = torch.tensor(bounds, dtype=torch.int32)
                 batch[f"max_length_{side}"] = max(lengths)

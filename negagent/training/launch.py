@@ -184,8 +184,8 @@ class RankGate:
     CONNECT_S = 1800  # rank 0's task may start long after the others (node boot, imports)
     POLL_S = 60
 
-    def __init__(self, store: Any, host: bool):
-        self.store, self.host, self.said = store, host, None
+    def __init__(self, store: Any):
+        self.store, self.said = store, None
 
     @staticmethod
     def _address() -> tuple[str, int]:
@@ -203,7 +203,7 @@ class RankGate:
         except (RuntimeError, dist.DistError) as exc:
             raise NegagentError(f"rank 0: cannot open its gate at {addr}:{port} (MASTER_PORT + 1; is the port in "
                                 f"use?): {' '.join(str(exc).split())[:200]}") from None
-        return cls(store, host=True)
+        return cls(store)
 
     @classmethod
     def join(cls) -> "RankGate":
@@ -216,7 +216,7 @@ class RankGate:
         except (RuntimeError, dist.DistError) as exc:
             raise NegagentError(f"rank {os.environ.get('RANK')}: rank 0 did not open its gate at {addr}:{port} "
                                 f"within {cls.CONNECT_S} s ({' '.join(str(exc).split())[:200]})") from None
-        return cls(store, host=False)
+        return cls(store)
 
     def say(self, state: str, error: str | None = None) -> None:
         """Rank 0: tell the others (once; later calls are ignored)."""
@@ -251,12 +251,17 @@ def follow_rank_zero(run_dir: Path) -> str:
         if word.get("error"):
             raise NegagentError(f"rank {os.environ.get('RANK')}: not training, rank 0 failed: {word['error']}")
         return "skipped"
+    _train_as_cluster_rank(rundir.read_config(run_dir)[0], run_dir)
+    return "trained"
+
+
+def _train_as_cluster_rank(cfg: Mapping[str, Any], run_dir: Path) -> None:
+    """Train in this process as the rank the cluster started (with `rank_env` for this node's ranks)."""
     for key, value in rank_env(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))).items():
         os.environ.setdefault(key, value)
     from negagent.training.recipe import train
 
-    train(rundir.read_config(run_dir)[0], run_dir)
-    return "trained"
+    train(cfg, run_dir)
 
 
 def run(run_dir: Path, resolved: Mapping[str, Any]) -> None:
@@ -292,12 +297,8 @@ def _run_as_rank_zero(run_dir: Path, resolved: Mapping[str, Any], nproc: int) ->
     if nproc != 1:
         raise NegagentError(f"trainer.nproc_per_node={nproc}, but this member's {world} Slurm tasks are its ranks "
                             "already; leave trainer.nproc_per_node at 1 (GPUs per member: hydra.launcher.tasks_per_node)")
-    for key, value in rank_env(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))).items():
-        os.environ.setdefault(key, value)
     RANK_GATE.say("train")
-    from negagent.training.recipe import train
-
-    train(resolved, run_dir)
+    _train_as_cluster_rank(resolved, run_dir)
 
 
 def _die_with_launcher() -> None:
