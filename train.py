@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 
 from negagent import rundir, sweep
 from negagent.config import CONF_DIR, check_group_overrides
-from negagent.errors import exit_on_user_error
+from negagent.errors import NegagentError, exit_on_user_error
 from negagent.models import check_model_settings, load_tokenizer
 from negagent.render import build_renderer
 from negagent.tasks import get_task
+from negagent.tools.toolbox import check_search_access
 from negagent.training import launch
 from negagent.training.data import prepare
 from negagent.training.recipe import check_trainer_config, samples_digest
@@ -45,6 +46,9 @@ def main(cfg: DictConfig) -> None:
     check_trainer_config(resolved["trainer"])
     check_model_settings(resolved["model"])
     launch.check_nproc(int(resolved["trainer"]["nproc_per_node"]))
+    check_trajectories_given(resolved["data"])
+    if resolved["trainer"].get("evaluate_after"):  # a search the evaluation cannot use should stop us before training
+        check_search_access(get_task(resolved["task"]).tools, resolved["eval"]["evaluator"].get("tools") or {})
     collecting = not resolved["data"]["trajectories"]
     if collecting:
         resolved["data"]["trajectories"] = str(run_dir / rundir.COLLECTED / rundir.TRAJECTORIES)
@@ -58,6 +62,33 @@ def main(cfg: DictConfig) -> None:
     if resolved["trainer"].get("evaluate_after"):
         outputs += evaluate_after_training(resolved, run_dir)
     sweep.mark_done(run_dir, cfg, outputs=outputs)
+
+
+def check_trajectories_given(data_cfg) -> None:
+    """A config with `data.collect_if_missing: false` (the paper presets) must name its trajectories."""
+    if not data_cfg.get("trajectories") and not data_cfg.get("collect_if_missing", True):
+        raise NegagentError(
+            "data.trajectories is required by this config (data.collect_if_missing=false): pass "
+            "data.trajectories=<trajectories.jsonl> from generate.py or `python -m negagent.importers`"
+        )
+
+
+def refuse_missing_trajectories(argv: list[str]) -> None:
+    """Before Hydra launches anything (every member of a sweep alike): `check_trajectories_given` on
+    the config the command line composes, sweep lists left out (they do not choose the data)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if any(arg.split("=", 1)[0].lstrip("+~") == "data.trajectories" for arg in argv):
+        return
+    fixed = [arg for arg in argv if "=" in arg and not arg.startswith(("hydra", "-")) and "," not in arg.split("=", 1)[1]]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            # Only the data section is resolved: the rest (prompt files, models) is checked when the job runs.
+            data_cfg = OmegaConf.to_container(compose("train", overrides=fixed).data, resolve=True)
+    except Exception:  # noqa: BLE001 - a command line that does not compose is Hydra's to report
+        return
+    check_trajectories_given(data_cfg)
 
 
 def prepare_and_train(cfg: DictConfig, resolved: dict, run_dir: Path, state: str, collecting: bool) -> None:
@@ -112,4 +143,5 @@ if __name__ == "__main__":
     if exit_on_user_error(sweep.show_sweep_config)(sys.argv[1:], CONF_DIR, "train", "train"):
         sys.exit(0)
     exit_on_user_error(launch.refuse_finished_run_dir)(sys.argv[1:])
+    exit_on_user_error(refuse_missing_trajectories)(sys.argv[1:])
     main()

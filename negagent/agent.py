@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from negagent.render import build_chat
+from negagent.render import ChatOpening, build_chat
 from negagent.tasks.base import Question, Task
 from negagent.trajectory import Trajectory
 
@@ -83,6 +83,7 @@ class _Episode:
     finished: bool = False
     ended: bool = False
     last_error: str | None = None  # parse_error / tool_error of the most recent turn
+    dropped: dict | None = None  # the turn that ended the episode under on_parse_error=end
     actions: int = 0
     parse_errors: int = 0
     tool_errors: int = 0
@@ -94,11 +95,34 @@ INVALID_ACTION = (
 
 
 def _step(ep: _Episode, text: str, task: Task, call_tool: Callable[[str, str], tuple[str, bool]]) -> None:
-    ep.messages.append({"role": "assistant", "content": text, "train": True})
+    """Advance `ep` by the model's turn `text`.
+
+    A turn the loop cannot act on (no valid action, or empty) goes as `task.on_parse_error` says:
+    `observe` answers "Invalid action" and the episode goes on, the turn stored and trained like any
+    other; `end` is the paper's loop: the episode ends and the turn is left out of `messages`, so it
+    is never trained. Under `end` an action naming a tool the task lacks (the paper's tool dispatcher
+    raises on it) ends the episode the same way, as a tool_error. The turn is counted in the stats
+    either way, so the action error rate (`metrics.behaviour`: parse and tool errors per attempted
+    action) keeps its definition under both settings; under `end` an invalid action is always the
+    last attempt of its episode (no retries after it), so rates of the two settings do not compare.
+    """
+    turn = {"role": "assistant", "content": text, "train": True}
+    # Tasks built outside negagent.tasks may lack the setting: today's loop is the default.
+    end_on_error = getattr(task, "on_parse_error", "observe") == "end"
+    action = parse_action(text) if text else None
+    if end_on_error and (action is None or (action.name != "finish" and action.name not in task.tools)):
+        ep.ended, ep.dropped = True, turn
+        if not text:
+            ep.last_error = "no_finish"
+        elif action is None:
+            ep.parse_errors, ep.last_error = ep.parse_errors + 1, "parse_error"
+        else:
+            ep.actions, ep.tool_errors, ep.last_error = ep.actions + 1, ep.tool_errors + 1, "tool_error"
+        return
+    ep.messages.append(turn)
     if not text:
         ep.ended, ep.last_error = True, "no_finish"
         return
-    action = parse_action(text)
     if action is None:
         ep.parse_errors += 1
         ep.last_error = "parse_error"
@@ -127,6 +151,10 @@ def _to_trajectory(ep: _Episode, task: Task, provenance: dict) -> Trajectory:
         failure = ep.last_error or "max_steps"
     # Drop a trailing observation: the episode's last word is the model's.
     messages = ep.messages[:-1] if ep.messages and ep.messages[-1]["role"] == "user" else ep.messages
+    if not messages and ep.dropped is not None:
+        # The first turn was left out (on_parse_error=end), but a record needs an assistant turn:
+        # it keeps that one untrained, and so has nothing to train on.
+        messages = [{**ep.dropped, "train": False}]
     return Trajectory(
         id=f"{ep.question.id}-s{ep.sample_index}",
         task=task.name,
@@ -139,7 +167,7 @@ def _to_trajectory(ep: _Episode, task: Task, provenance: dict) -> Trajectory:
         failure=failure,
         provenance={**provenance, "question_id": ep.question.id, "sample_index": ep.sample_index},
         stats={
-            "turns": sum(m["role"] == "assistant" for m in ep.messages),
+            "turns": sum(m["role"] == "assistant" for m in ep.messages) + (ep.dropped is not None),
             "actions": ep.actions,
             "parse_errors": ep.parse_errors,
             "tool_errors": ep.tool_errors,
@@ -158,18 +186,20 @@ def run_episodes(
     max_turns: int | None = None,
     tag: str | None = None,
     placement: str = "prefix",
-    instructions_role: str = "system",
+    opening: ChatOpening | None = None,
     provenance: dict[str, Any] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
 ) -> Iterator[Trajectory]:
     """Run (question, sample index) jobs to the end, yielding each trajectory as it finishes.
 
     `call_tool(name, argument) -> (observation, ok)` runs a tool. The prompt of every turn comes from
-    `build_chat` (the renderer's chat builder) with the given tag, exactly as in training.
+    `build_chat` (the renderer's chat builder) with the given opening (default: the task's
+    instructions as the system turn) and tag, exactly as in training.
     `on_step(turn, finished, total)` is called after every turn and once at the end (for progress bars).
     `max_turns` defaults to the task's own limit (`task.max_turns`).
     """
     max_turns = task.max_turns if max_turns is None else max_turns
+    opening = opening or ChatOpening.from_instructions(task.instructions)
     episodes = [_Episode(q, i) for q, i in jobs]
     provenance = {"backend": backend.name, "temperature": sampling.temperature, **(provenance or {})}
     done = turns = 0
@@ -179,10 +209,7 @@ def run_episodes(
             break
         turns += 1
         chats = [
-            build_chat(
-                task.instructions, ep.question.question, ep.messages,
-                tag=tag, placement=placement, instructions_role=instructions_role,
-            )
+            build_chat(opening, ep.question.question, ep.messages, tag=tag, placement=placement)
             for ep in active
         ]
         outputs = backend.complete(chats, sampling)

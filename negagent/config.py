@@ -1,5 +1,6 @@
 """Config helpers shared by the entry points: plain data, composing a primary config outside its
-entry point, and one-line errors for unknown group choices."""
+entry point, one-line errors for unknown group choices, and the `nat_prompt` resolver (the paper's
+prompt files, read at run time: negagent.prompt_files)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import OmegaConf
+
 from negagent.errors import NegagentError
+from negagent.prompt_files import read_part
+
+
+
+def _nat_prompt(file: str, entry: str, part: str):
+    value = read_part(file, entry, part)
+    # A plain list would break OmegaConf.resolve (Hydra's --cfg job --resolve); a ListConfig does not.
+    return OmegaConf.create(value) if isinstance(value, list) else value
+
+
+# ${nat_prompt:<file>,<entry>,<part>}: registered on import, before any entry point composes a config.
+OmegaConf.register_new_resolver("nat_prompt", _nat_prompt, replace=True)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _GROUP_OVERRIDE = re.compile(r"^[+~]?([\w/]+)(?:@[\w.]+)?=(.+)$")

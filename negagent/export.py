@@ -105,11 +105,11 @@ def eval_facts(run_dir: Path) -> dict[str, Any] | None:
             "sampling": metrics.get("sampling"), "max_turns": metrics.get("max_turns")}
 
 
-def _example_chat(instructions: str, facts: Mapping[str, Any]) -> list[dict]:
-    from negagent.render import build_chat
+def _example_chat(render_cfg: Mapping[str, Any], instructions: str, facts: Mapping[str, Any]) -> list[dict]:
+    from negagent.render import build_chat, chat_opening
 
-    chat = build_chat(instructions, "<question>", [], tag=facts["inference_tag"],
-                      placement=facts["placement"] or "prefix", instructions_role=facts["instructions_role"])
+    chat = build_chat(chat_opening(render_cfg, instructions), "<question>", [], tag=facts["inference_tag"],
+                      placement=facts["placement"] or "prefix")
     return [{"role": m["role"], "content": m["content"]} for m in chat]
 
 
@@ -127,6 +127,13 @@ def _tag_section(facts: Mapping[str, Any]) -> list[str]:
     tag, placement = facts["inference_tag"], facts["placement"]
     if tag is None:
         return [f"Inference tag: none. Strategy `{facts['strategy']}` trains without tags: prompts carry no tag."]
+    if "{question}" in tag:  # a whole question line, as in the paper's prompt files
+        return [
+            f"Inference question line: `{tag}`",
+            "",
+            "The trained model expects the question asked with exactly this line ({question} replaced by the "
+            "question) as the last user message before its turn; the example chat below shows it in place.",
+        ]
     where = "before" if placement == "prefix" else "after"
     return [
         f"Inference tag ({placement}): `{tag}`",
@@ -283,7 +290,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, merge: bool = 
         "evaluation": eval_facts(run_dir),
         "instructions": task.instructions,
     }
-    facts["example_chat"] = _example_chat(task.instructions, facts)
+    facts["example_chat"] = _example_chat(render_cfg, task.instructions, facts)
 
     tokenizer = load_tokenizer_for(subject)
     end_of_turn_id = Renderer(tokenizer, end_of_turn=render_cfg.get("end_of_turn")).end_of_turn_id

@@ -7,14 +7,18 @@ to that turn (tests check this for every sample and turn).
 How the ids are made: the chat template renders the whole conversation to text; each assistant
 turn's trained span (its content plus the end-of-turn token, which must be trained or the model
 never learns to stop) is located by rendering the conversation up to that turn with a generation
-prompt. The text is cut at span boundaries and each piece is tokenized on its own, so a prompt cut
-at a turn boundary tokenizes exactly like the training sample's prefix. The result must equal the
-tokenizer's tokenization of the whole text; otherwise the sample is rejected with its id
-("tokenization mismatch"), never silently masked.
+prompt. A sample's ids are the tokenizer's tokenization of the whole text, and an inference prompt's
+the tokenization of its own text (what a text backend sends too). At every span boundary the text
+before it must tokenize as the first tokens of the whole text; otherwise the sample is rejected with
+its id ("tokenization mismatch"), never silently masked. That check is the parity: the prompt before
+turn k is exactly the text before span k. (Tokenizing each piece on its own would not do: a
+SentencePiece-style tokenizer such as Llama-2's prepends `▁` to each piece it is given.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +27,8 @@ from negagent.errors import NegagentError
 IGNORE = -100
 MAX_LENGTH = 4096  # tokens per training sample when `render.max_length` is not set
 INSTRUCTIONS_ROLES = ("system", "user")
+QUESTION_LINE = "Question: {question}"  # the question turn unless `render.question` says otherwise
+_ROLES = ("system", "user", "assistant")
 
 
 def instructions_role(render_cfg: Mapping[str, Any] | None) -> str:
@@ -44,8 +50,75 @@ def build_renderer(tokenizer, render_cfg: Mapping[str, Any] | None) -> "Renderer
     return Renderer(tokenizer, max_length=max_length, end_of_turn=render_cfg.get("end_of_turn"))
 
 
+@dataclass(frozen=True)
+class ChatOpening:
+    """What every chat of a run starts with, before the episode's own turns.
+
+    `messages` come first and are never trained (instructions as a system turn; or, from a prompt
+    file, the instructions as a user turn the assistant acknowledges, and any solved example). Then
+    one user turn: `preamble` followed by the question line `question` ("{question}" marks where the
+    question goes).
+    """
+
+    messages: tuple[dict, ...] = ()
+    question: str = QUESTION_LINE
+    preamble: str = ""
+
+    @classmethod
+    def from_instructions(cls, instructions: str, role: str = "system") -> "ChatOpening":
+        """This project's own layout: the task's instructions as the system turn, or (role `user`)
+        before the question in the user turn."""
+        if role == "system":
+            return cls(messages=({"role": "system", "content": instructions},))
+        if role == "user":
+            return cls(preamble=f"{instructions}\n\n")
+        raise NegagentError(f"instructions_role {role!r} is not 'system' or 'user'")
+
+    def question_turn(self, question: str, tag: str | None = None, placement: str = "prefix") -> str:
+        """The user turn that asks `question` under `tag`.
+
+        A tag holding "{question}" is a whole question line (the paper's prompt files word their
+        tags so); any other tag goes on its own line before (prefix) or after (suffix) the line.
+        """
+        if tag and "{question}" in tag:
+            return self.preamble + tag.replace("{question}", question)
+        line = self.question.replace("{question}", question)
+        if tag:
+            if placement == "prefix":
+                line = f"{tag}\n{line}"
+            elif placement == "suffix":
+                line = f"{line}\n{tag}"
+            else:
+                raise NegagentError(f"tag placement {placement!r} is not 'prefix' or 'suffix'")
+        return self.preamble + line
+
+    def digest(self) -> str:
+        """A short hash of the opening, to tell prompts apart in provenance and evaluation setups."""
+        text = json.dumps([list(self.messages), self.question, self.preamble], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def chat_opening(render_cfg: Mapping[str, Any] | None, instructions: str) -> ChatOpening:
+    """The opening a `render` section describes: `render.opening` (a list of {role, content}
+    messages, e.g. read from the paper's prompt file) with `render.question`, or, when
+    `render.opening` is null, the task's `instructions` placed by `render.instructions_role`."""
+    render_cfg = render_cfg or {}
+    opening = render_cfg.get("opening")
+    question = render_cfg.get("question") or QUESTION_LINE
+    if "{question}" not in question:
+        raise NegagentError(f"render.question={question!r} must contain {{question}} where the question goes")
+    if opening is None:
+        base = ChatOpening.from_instructions(instructions, instructions_role(render_cfg))
+        return ChatOpening(base.messages, question, base.preamble)
+    if not isinstance(opening, (list, tuple)) or not all(
+        isinstance(m, Mapping) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in opening
+    ):
+        raise NegagentError("render.opening must be a list of messages {role: system|user|assistant, content: text}")
+    return ChatOpening(tuple({"role": m["role"], "content": m["content"]} for m in opening), question)
+
+
 def build_chat(
-    instructions: str,
+    opening: ChatOpening | str,
     question: str,
     messages: Sequence[dict],
     *,
@@ -53,24 +126,16 @@ def build_chat(
     placement: str = "prefix",
     instructions_role: str = "system",
 ) -> list[dict]:
-    """The chat for one episode: instructions, the (tagged) question, then the episode's turns.
+    """The chat for one episode: the opening, the (tagged) question, then the episode's turns.
 
-    Messages keep their `train` flag (default: assistant turns are trained) for `Renderer.training`.
+    `opening` is a ChatOpening, or the task's instructions placed by `instructions_role`. The
+    opening's messages are never trained; the episode's messages keep their `train` flag (default:
+    assistant turns are trained) for `Renderer.training`.
     """
-    text = f"Question: {question}"
-    if tag:
-        if placement == "prefix":
-            text = f"{tag}\n{text}"
-        elif placement == "suffix":
-            text = f"{text}\n{tag}"
-        else:
-            raise NegagentError(f"tag placement {placement!r} is not 'prefix' or 'suffix'")
-    if instructions_role == "system":
-        chat = [{"role": "system", "content": instructions}, {"role": "user", "content": text}]
-    elif instructions_role == "user":
-        chat = [{"role": "user", "content": f"{instructions}\n\n{text}"}]
-    else:
-        raise NegagentError(f"instructions_role {instructions_role!r} is not 'system' or 'user'")
+    if isinstance(opening, str):
+        opening = ChatOpening.from_instructions(opening, instructions_role)
+    chat = [{**m, "train": False} if m["role"] == "assistant" else dict(m) for m in opening.messages]
+    chat.append({"role": "user", "content": opening.question_turn(question, tag, placement)})
     for msg in messages:
         turn = {"role": msg["role"], "content": msg["content"]}
         turn["train"] = bool(msg.get("train", msg["role"] == "assistant"))
@@ -135,19 +200,33 @@ class Renderer:
             spans.append((len(prompt), eot + len(self.end_of_turn), bool(msg.get("train", True))))
         return spans
 
-    def _pieces_to_ids(self, text: str, cuts: list[int]) -> list[list[int]]:
-        bounds = [0, *cuts, len(text)]
-        return [
-            self.tokenizer.encode(text[a:b], add_special_tokens=False) if b > a else []
-            for a, b in zip(bounds, bounds[1:])
-        ]
+    def _encode(self, text: str) -> list[int]:
+        # No special tokens added: the template writes its own (Llama's writes the BOS).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _boundary(self, text: str, cut: int, ids: list[int], sample_id: str) -> int:
+        """How many of `ids` (the whole text's) stand for text[:cut]; the text before the cut must
+        tokenize as exactly those first tokens."""
+        prefix = self._encode(text[:cut])
+        if ids[: len(prefix)] != prefix:
+            at = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+            raise NegagentError(
+                f"sample {sample_id}: tokenization mismatch at token {at}: the text tokenizes "
+                "differently across a turn boundary, so its loss mask would be wrong"
+            )
+        return len(prefix)
 
     # -- public -------------------------------------------------------------------------------
     def prompt_ids(self, chat: Sequence[dict], sample_id: str = "?") -> list[int]:
-        """Inference prompt: the chat (ending with a user turn) plus the generation prompt."""
+        """Inference prompt: the chat (ending with a user turn) plus the generation prompt.
+
+        Earlier assistant turns are checked as in training (a template that rewrites them is an
+        error); the ids are the prompt text's own tokenization, which `training` proves to be the
+        training sample's prefix.
+        """
         text = self._template(chat, generation_prompt=True)
-        cuts = [c for start, end, _ in self._spans(chat, text, sample_id) for c in (start, end)]
-        return [tok for piece in self._pieces_to_ids(text, cuts) for tok in piece]
+        self._spans(chat, text, sample_id)
+        return self._encode(text)
 
     def prompt_text(self, chat: Sequence[dict]) -> str:
         """The inference prompt as text (for backends that take text, and for debugging)."""
@@ -156,29 +235,22 @@ class Renderer:
     def training(self, chat: Sequence[dict], sample_id: str, positive: bool | None = None) -> RenderedSample:
         """Ids and labels: only assistant turns with `train` set are trained, end-of-turn included.
 
-        Raises NegagentError (naming the sample) on a tokenization mismatch or when no token is
-        trained (after truncation to `max_length`, counted in `RenderedSample.truncated`).
+        Raises NegagentError (naming the sample) on a tokenization mismatch at a span boundary or
+        when no token is trained (after truncation to `max_length`, counted in
+        `RenderedSample.truncated`).
         """
         text = self._template(chat, generation_prompt=False)
         spans = self._spans(chat, text, sample_id)
-        cuts = [c for start, end, _ in spans for c in (start, end)]
-        pieces = self._pieces_to_ids(text, cuts)
-        ids: list[int] = []
-        labels: list[int] = []
-        for i, piece in enumerate(pieces):
-            trained = i % 2 == 1 and spans[i // 2][2]  # odd pieces are assistant spans
-            ids.extend(piece)
-            labels.extend(piece if trained else [IGNORE] * len(piece))
-        whole = self.tokenizer.encode(text, add_special_tokens=False)
-        if whole != ids:
-            at = next((i for i, (a, b) in enumerate(zip(whole, ids)) if a != b), min(len(whole), len(ids)))
-            raise NegagentError(
-                f"sample {sample_id}: tokenization mismatch at token {at}: the text tokenizes "
-                "differently across a turn boundary, so its loss mask would be wrong"
-            )
+        ids = self._encode(text)
+        labels = [IGNORE] * len(ids)
         for start, end, trained in spans:
-            if trained and not text[start:end].endswith(self.end_of_turn):
-                raise NegagentError(f"sample {sample_id}: an assistant turn lacks its end-of-turn token")
+            # Every span start is checked, trained or not: it is where an inference prompt ends.
+            first = self._boundary(text, start, ids, sample_id)
+            if trained:
+                if not text[start:end].endswith(self.end_of_turn):
+                    raise NegagentError(f"sample {sample_id}: an assistant turn lacks its end-of-turn token")
+                last = self._boundary(text, end, ids, sample_id)
+                labels[first:last] = ids[first:last]
         truncated = len(ids) > self.max_length
         if truncated:
             ids, labels = ids[: self.max_length], labels[: self.max_length]

@@ -21,8 +21,12 @@ _PUNCTUATION = frozenset(string.punctuation)
 
 
 def math_strict(prediction: str | None, gold: object) -> bool:
-    """The paper's rule: the stripped prediction equals the gold string ("18.0" vs "18" is wrong)."""
-    return prediction is not None and prediction.strip() == str(gold).strip()
+    """The paper's rule: the stripped prediction equals the gold string with its commas removed.
+
+    The paper's label drops the commas from the gold only (GSM8K writes "2,125"): `2125` is right
+    against "2,125" and `2,125` is not; "18.0" against "18" is wrong.
+    """
+    return prediction is not None and prediction.strip() == str(gold).replace(",", "").strip()
 
 
 def parse_number(text: str) -> float | None:

@@ -1,16 +1,18 @@
 """The shared ReAct loop: action parsing, failure types, statistics, provenance and the chats the
 backend receives. The hf backend has its own tests in tests/test_hf_backend.py."""
 
+import json
 import re
 
 import pytest
 
 from negagent.agent import Action, Sampling, clean_turn, parse_action, run_episodes
-from negagent.render import build_chat
+from negagent.metrics import behaviour
+from negagent.render import ChatOpening, build_chat
 from negagent.tasks import get_task
 from negagent.tasks.base import Question
 from negagent.tools import calculate
-from negagent.trajectory import Trajectory
+from negagent.trajectory import Trajectory, validate_record
 
 
 class ReplayBackend:
@@ -27,9 +29,9 @@ class ReplayBackend:
         self.calls.append((chats, sampling))
         out = []
         for chat in chats:
-            user = next(m["content"] for m in chat if m["role"] == "user")
-            question = re.search(r"Question: (\S+)", user).group(1)
-            turn = sum(m["role"] == "assistant" for m in chat)
+            user = next(m["content"] for m in chat if m["role"] == "user" and "Question: " in m["content"])
+            question = re.search(r"Question: (\w+)", user).group(1)
+            turn = sum(m["role"] == "assistant" and m.get("train", True) for m in chat)  # not the opening's
             out.append(self.scripts[question][turn])
         return out
 
@@ -54,6 +56,7 @@ def calc_tool(name, argument):
 
 
 INVALID = "Observation: Invalid action. End the turn with 'Action: calculate|search[argument]' or 'Action: finish[answer]'."
+INVALID_ARITH = "Observation: Invalid action. End the turn with 'Action: calculate[argument]' or 'Action: finish[answer]'."
 
 
 def a(content):
@@ -204,23 +207,32 @@ def test_arith_episode_scores_with_the_task():
     assert trajs["0-s0"].provenance == {"backend": "replay", "temperature": 0.2, "question_id": "0", "sample_index": 0}
 
 
+_PAPER_LIKE = ChatOpening(({"role": "user", "content": "Rules."}, {"role": "assistant", "content": "Understood."}))
+
+
 @pytest.mark.parametrize("kwargs, first_chat", [
     ({}, [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "Question: q0"}]),
     ({"tag": "[ok]"}, [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "[ok]\nQuestion: q0"}]),
-    ({"tag": "[failed]", "placement": "suffix", "instructions_role": "user"},
+    ({"tag": "[failed]", "placement": "suffix", "opening": ChatOpening.from_instructions("Solve it.", "user")},
      [{"role": "user", "content": "Solve it.\n\nQuestion: q0\n[failed]"}]),
-    ({"tag": "[ok]", "placement": "prefix", "instructions_role": "system"},
+    ({"tag": "[ok]", "placement": "prefix", "opening": ChatOpening.from_instructions("Solve it.", "system")},
      [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "[ok]\nQuestion: q0"}]),
+    # A prompt file's opening (instructions acknowledged by an untrained assistant turn) and a tag that
+    # is a whole question line.
+    ({"tag": "Question: {question}. Do it right.", "opening": _PAPER_LIKE},
+     [{"role": "user", "content": "Rules."}, {"role": "assistant", "content": "Understood.", "train": False},
+      {"role": "user", "content": "Question: q0. Do it right."}]),
 ])
-def test_chats_carry_tag_placement_and_instructions_role(kwargs, first_chat):
-    """Every turn's prompt is `build_chat` with the run's tag, placement and instructions role
-    (defaults: no tag, prefix, system), exactly as in training."""
+def test_chats_carry_tag_placement_and_opening(kwargs, first_chat):
+    """Every turn's prompt is `build_chat` with the run's opening, tag and placement (defaults: the
+    task's instructions as the system turn, no tag, prefix), exactly as in training."""
     backend = ReplayBackend({"q0": ["Action: calculate[1+1]", "Action: finish[2]"]})
     list(run_episodes(backend, FakeTask(), [(Question("0", "q0", "2"), 0)], calc_tool, sampling=Sampling(), **kwargs))
     (first, _), (second, _) = backend.calls
     assert first == [first_chat]
     assert second == [first_chat + [a("Action: calculate[1+1]"), u("Observation: 2")]]
-    assert second[0] == build_chat("Solve it.", "q0", second[0][len(first_chat):], **kwargs)
+    chat_kwargs = {k: v for k, v in kwargs.items() if k != "opening"}
+    assert second[0] == build_chat(kwargs.get("opening", "Solve it."), "q0", second[0][len(first_chat):], **chat_kwargs)
 
 
 def test_max_turns_defaults_to_the_tasks_limit():
@@ -249,3 +261,88 @@ def test_no_jobs_no_backend_call():
     assert list(run_episodes(backend, FakeTask(), [], calc_tool, sampling=Sampling(),
                              on_step=lambda *s: steps.append(s))) == []
     assert (backend.calls, steps) == ([], [(0, 0, 0)])
+
+
+# --- on_parse_error=end: the paper's loop -------------------------------------------------------
+
+
+class PaperLoopTask(FakeTask):
+    on_parse_error = "end"
+
+
+END_SCRIPTS = {
+    "q0": ["Thought: add.\nAction: calculate[2+3]", "I am not sure.", "Action: finish[5]"],  # ends at turn 2
+    "q1": ["I am not sure.", "Action: finish[5]"],                                 # ends at its first turn
+    "q2": ["Action: calculate[2+3]", "Action: lookup[x]", "Action: finish[5]"],    # a tool the task lacks
+    "q3": ["Action: search[x]", "Action: finish[5]"],                              # a failed call goes on
+    "q4": ["Action: calculate[2+3]", "Observation: 5", "Action: finish[5]"],       # an empty turn
+}
+
+
+@pytest.fixture
+def paper_loop_episodes():
+    """END_SCRIPTS run on a task with on_parse_error=end (gold 5, max_turns 3), by question id."""
+    backend = ReplayBackend(END_SCRIPTS)
+    jobs = [(Question(str(i), f"q{i}", "5"), 0) for i in range(len(END_SCRIPTS))]
+    trajs = list(run_episodes(backend, PaperLoopTask(), jobs, calc_tool, sampling=Sampling(), max_turns=3))
+    return backend, {t.provenance["question_id"]: t for t in trajs}
+
+
+def test_end_stops_at_an_unusable_turn_and_never_stores_it(paper_loop_episodes):
+    """Under `end` a turn without a valid action (or naming a tool the task lacks, or empty) ends
+    the episode and is left out of the messages; the turns before it stay, the trailing observation
+    dropped as usual; the backend is not asked again for an ended episode."""
+    backend, by_q = paper_loop_episodes
+    assert [len(chats) for chats, _ in backend.calls] == [5, 4]  # all ended by turn 2: no third call
+    assert by_q["0"].messages == [a("Thought: add.\nAction: calculate[2+3]")]
+    assert by_q["2"].messages == [a("Action: calculate[2+3]")]
+    assert by_q["4"].messages == [a("Action: calculate[2+3]")]
+    # A tool that fails but exists is an observation, as in the paper's loop (its calculator
+    # answers "Error: ..." too).
+    assert by_q["3"].messages == [a("Action: search[x]"), u("Observation: Error: unknown tool 'search'"),
+                                  a("Action: finish[5]")]
+    got = {q: (t.failure, t.reward, t.pred, t.stats["turns"], t.stats["actions"], t.stats["parse_errors"],
+               t.stats["tool_errors"]) for q, t in by_q.items()}
+    assert got == {
+        "0": ("parse_error", False, None, 2, 1, 1, 0),
+        "1": ("parse_error", False, None, 1, 0, 1, 0),
+        "2": ("tool_error", False, None, 2, 2, 0, 1),
+        "3": (None, True, "5", 2, 2, 0, 1),
+        "4": ("no_finish", False, None, 2, 1, 0, 0),
+    }
+
+
+def test_end_on_the_first_turn_stores_it_untrained(paper_loop_episodes):
+    """An episode ended by its first turn has no other turn, but a record needs an assistant turn:
+    it keeps that one untrained (nothing of it is learned) and survives the format's validation."""
+    _, by_q = paper_loop_episodes
+    first = by_q["1"]
+    assert first.messages == [{"role": "assistant", "content": "I am not sure.", "train": False}]
+    assert validate_record(json.loads(first.to_json())) == first
+    trained = [m["content"] for t in by_q.values() for m in t.messages if m["train"]]
+    assert trained and all(parse_action(text) for text in trained)  # every trained turn holds a valid action
+
+
+def test_action_error_rate_counts_the_turn_that_ended_the_episode(paper_loop_episodes):
+    """Under `end` the dropped turns still count: failed parses and failed tool calls per attempted
+    action, each failed parse (or unknown tool) the last attempt of its episode."""
+    _, by_q = paper_loop_episodes
+    stats = behaviour(by_q.values())
+    # attempted: 6 actions (calculate x3, lookup, search, finish) + 2 unparsable turns; errors: 2 parses,
+    # the unknown tool and the failed search.
+    assert stats["actions"] == {"attempted": 8, "parse_errors": 2, "tool_errors": 2}
+    assert stats["action_error_rate"] == 0.5
+    assert stats["failures"] == {"parse_error": 2, "tool_error": 1, "solved": 1, "no_finish": 1}
+
+
+@pytest.mark.parametrize("setting, messages, reward", [
+    (None, [a("I am not sure."), u(INVALID_ARITH), a("Action: finish[5]")], True),  # the default: observe
+    ("observe", [a("I am not sure."), u(INVALID_ARITH), a("Action: finish[5]")], True),
+    ("end", [{"role": "assistant", "content": "I am not sure.", "train": False}], False),
+])
+def test_a_real_task_carries_the_setting_to_the_loop(setting, messages, reward):
+    """`task.on_parse_error` reaches the loop through the task, as collection and evaluation build it."""
+    cfg = {"name": "arith", "n_train": 1, "n_test": 1} | ({"on_parse_error": setting} if setting else {})
+    backend = ReplayBackend({"q1": ["I am not sure.", "Action: finish[5]"]})
+    [traj] = run_episodes(backend, get_task(cfg), [(Question("1", "q1", 5), 0)], calc_tool, sampling=Sampling())
+    assert (traj.messages, traj.reward, traj.stats["parse_errors"]) == (messages, reward, 1)

@@ -20,7 +20,7 @@ MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 # The strategy each tagging preset trains with: the wording ablations and controls are prefix tags.
 STRATEGY = {"a_b": "prefix", "correct_incorrect": "prefix", "good_bad": "prefix", "graded": "graded", "inverted": "prefix",
             "none": "none", "positive_only": "positive_only", "prefix": "prefix", "random_strings": "prefix",
-            "suffix": "suffix"}
+            "suffix": "suffix", "nat": "prefix", "nat_graded": "graded"}
 PREFIX_TAGS = ("Generate a trajectory that solves the question correctly.", "Generate a trajectory that fails to solve the question.")
 
 
@@ -44,7 +44,8 @@ def test_train_composes_for_every_task_and_tagging(task, tagging):
         cfg = compose("train", overrides=[f"task={task}", f"tagging={tagging}", "debug=smoke"])
     assert cfg.task.name == task and cfg.tagging.strategy == STRATEGY[tagging]
     own = _own_keys("tagging", tagging)
-    assert (cfg.tagging.positive, cfg.tagging.negative) == (own.get("positive", PREFIX_TAGS[0]), own.get("negative", PREFIX_TAGS[1]))
+    tags = OmegaConf.to_container(cfg.tagging, resolve=False)  # nat* read their wording from a prompt file when resolved
+    assert (tags["positive"], tags["negative"]) == (own.get("positive", PREFIX_TAGS[0]), own.get("negative", PREFIX_TAGS[1]))
     assert cfg.task.limit_train == 16 and cfg.model.name == "tiny"
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from negagent.agent import Sampling, run_episodes
+from negagent.agent import Sampling, parse_action, run_episodes
 from negagent.backends.scripted import FAILURES, ScriptedTeacher
 from negagent.config import CONF_DIR
+from negagent.errors import NegagentError
 from negagent.collection.collect import collect
 from negagent.render import build_chat
 from negagent.tasks import get_task
@@ -98,14 +99,85 @@ def test_paper_protocol_keeps_one_positive_per_question_and_every_negative(tmp_p
     assert sum(t.reward for t in episodes) == 28  # the seeded teacher: every question has a positive
     positives = Counter(t.question_id for t in kept if t.reward)
     assert positives == {q.id: 1 for q in get_task(ARITH).train_questions()}
-    # The first positive of each question in file order is the one kept.
-    first = {}
-    for t in episodes:
-        if t.reward:
-            first.setdefault(t.question_id, t.id)
-    assert {t.id for t in kept if t.reward} == set(first.values())
+    assert {t.id for t in kept if t.reward} <= {t.id for t in episodes if t.reward}
     assert {t.id for t in kept if not t.reward} == {t.id for t in episodes if not t.reward}
     assert stats["kept"] == {"total": 20, "positives": 12, "negatives": 8}
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CutOff:
+    """A teacher that stops the run (an exception out of the loop) at its `calls`-th step: what is
+    on disk then is what a kill between two steps leaves."""
+
+    def __init__(self, teacher, calls: int):
+        self.teacher, self.name, self.calls = teacher, teacher.name, calls
+
+    def complete(self, chats, sampling):
+        self.calls -= 1
+        if self.calls < 0:
+            raise Interrupted
+        return self.teacher.complete(chats, sampling)
+
+
+def test_one_positive_is_a_seeded_draw_spread_over_temperatures(tmp_path):
+    """`keep: one_positive` keeps a seeded random positive of each question, not the first one (a
+    0.2 one whenever that succeeds): with success equally likely at each temperature the kept
+    positives spread evenly over 0.2/0.5/0.7, as the paper's do (350/363/357 in its StrategyQA file),
+    still one per solved question; a run cut off midway and resumed keeps exactly the same ones."""
+    task_cfg = {**ARITH, "n_train": 180}
+    task = get_task(task_cfg)
+    cfg = {"task": task_cfg, "generation": OFFLINE}
+
+    def teacher():
+        return ScriptedTeacher(task, {"wrong_operand": 0.3}, scale_with_temperature=False)
+
+    collect(cfg, tmp_path / "whole", backend=teacher())
+    episodes, _ = load_trajectories(tmp_path / "whole" / "episodes.jsonl")
+    kept, _ = load_trajectories(tmp_path / "whole" / "trajectories.jsonl")
+    positives = [t for t in kept if t.reward]
+    assert Counter(t.question_id for t in positives) == Counter({t.question_id for t in episodes if t.reward})
+    assert {t.id for t in positives} <= {t.id for t in episodes if t.reward}
+    assert {t.id for t in kept if not t.reward} == {t.id for t in episodes if not t.reward}
+    spread = Counter(t.provenance["temperature"] for t in positives)
+    print(f"kept positives by temperature: {dict(sorted(spread.items()))} of {len(positives)}")
+    assert len(positives) > 150 and all(0.25 < spread[x] / len(positives) < 0.42 for x in (0.2, 0.5, 0.7))
+    # Cut off in the last sample's pass, where positives wait for it; resumed, it keeps the same ones.
+    with pytest.raises(Interrupted):
+        collect(cfg, tmp_path / "resumed", backend=CutOff(teacher(), calls=14))
+    cut = ids(tmp_path / "resumed" / "trajectories.jsonl")
+    assert 0 < len(cut) < len(kept)
+    collect(cfg, tmp_path / "resumed", backend=teacher())
+    resumed = ids(tmp_path / "resumed" / "trajectories.jsonl")
+    assert resumed[:len(cut)] == cut  # appended to, never rewritten
+    assert len(resumed) == len(set(resumed)) and set(resumed) == {t.id for t in kept}
+    # Killed between writing episodes and the training file: the ledger alone decides what is kept.
+    lines = (tmp_path / "whole" / "trajectories.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "whole" / "trajectories.jsonl").write_text("".join(lines[:60]))
+    collect(cfg, tmp_path / "whole", backend=teacher())
+    assert sorted(ids(tmp_path / "whole" / "trajectories.jsonl")) == sorted(t.id for t in kept)
+
+
+def test_paper_loop_collects_no_unusable_turn(tmp_path):
+    """With task.on_parse_error=end a malformed action ends its episode (none recovers) and is not
+    stored; an episode ended by its first turn stays in the ledger but has nothing to train, so the
+    training file leaves it out; the directory refuses a run with the other setting."""
+    task_cfg = {**ARITH, "n_train": 20, "on_parse_error": "end"}
+    teacher = ScriptedTeacher(get_task(task_cfg), {"malformed_action": 0.6}, scale_with_temperature=False)
+    stats = collect({"task": task_cfg, "generation": OFFLINE}, tmp_path, backend=teacher)
+    episodes, _ = load_trajectories(tmp_path / "episodes.jsonl")
+    kept, _ = load_trajectories(tmp_path / "trajectories.jsonl")
+    malformed = {t.id for t in episodes if t.stats["parse_errors"]}
+    assert stats["episodes"]["failure_types"] == {"parse_error": len(malformed)}
+    assert all(t.stats["parse_errors"] == 1 and not t.reward for t in episodes if t.id in malformed)
+    untrained = {t.id for t in episodes if not any(m["train"] for m in t.messages)}
+    assert untrained and untrained < malformed
+    assert {t.id for t in kept if not t.reward} == malformed - untrained
+    assert all(parse_action(m["content"]) for t in kept for m in t.messages if m["role"] == "assistant")
+    with pytest.raises(NegagentError, match="on_parse_error='end'"):
+        collect({"task": {**task_cfg, "on_parse_error": "observe"}, "generation": OFFLINE}, tmp_path, backend=teacher)
 
 
 @pytest.mark.parametrize("failure, failures, recovered", [

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from negagent.errors import NegagentError
-from negagent.importers import from_fireact, from_nat, main, read_question_file
+from negagent.importers import Agreement, from_fireact, from_nat, main, read_question_file
 from negagent.trajectory import load_trajectories
 from tests.helpers import assert_one_line_error
 
@@ -38,26 +38,29 @@ def test_nat_ids_labels_and_failure_types(tmp_path):
         {"id": "q2", "conversations": []},  # an empty episode: skipped and counted
         {"id": "q2", "conversations": [{"role": "user", "content": "Observation: o"}]},  # no model turn: empty too
         {"id": "q2", "info": {"reward": False}, "conversations": _nat_turns(*["search[y]"] * 7)},
-        {"id": "q2", "conversations": _nat_turns("search[y]")},  # no info: not rewarded
+        {"id": "q2", "info": {"gt": False}, "conversations": _nat_turns("search[y]")},  # no reward: not rewarded
         {"id": "q2", "info": {"reward": True}, "conversations": [{"role": "assistant", "content": "Action: finish[Z]"}]},
     ]
     path = tmp_path / "run.json"
     path.write_text(json.dumps(records))
     trajs, empty = from_nat(path, questions, "strategyqa")
     assert empty == 2
-    assert [(t.id, t.reward, t.failure, t.pred, t.gold) for t in trajs] == [
-        ("q1-run-0", True, None, "Yes", "yes (the file's own gold)"),
-        ("q1-run-1", False, "wrong_answer", "3", True),  # the gold falls back to the question file's answer
-        ("q2-run-0", False, "max_steps", None, None),  # seven turns without finish[...]
-        ("q2-run-1", False, "no_finish", None, None),
-        ("q2-run-2", True, None, None, None),  # one model turn is an episode
+    # The question file's gold wins over the file's; `pred` is the finish argument as the agent loop reads it.
+    assert [(t.id, t.reward, t.failure, t.pred, t.gold, t.provenance["rescored_reward"]) for t in trajs] == [
+        ("q1-run-0", True, None, "Yes", True, True),
+        ("q1-run-1", False, "wrong_answer", "No", True, False),
+        ("q2-run-0", False, "max_steps", None, None, None),  # seven turns without finish[...]; no gold to re-score
+        ("q2-run-1", False, "no_finish", None, False, False),  # the file's gold where the question file has none
+        ("q2-run-2", True, None, "Z", None, None),  # one model turn is an episode
     ]
     first = trajs[0]
     assert first.question == "Is it?" and first.task == "strategyqa" and first.score == 1.0
+    assert [t.score for t in trajs] == [1.0, 0.0, 0.0, 0.0, 1.0]  # the label: StrategyQA reports no F1
+    assert [len(t.messages) for t in trajs] == [3, 1, 13, 1, 1]  # the observation after the last turn is dropped
     assert first.messages[:2] == [{"role": "assistant", "content": "Thought: t0\nAction: search[x]", "train": True},
                                   {"role": "user", "content": "Observation: o0", "train": False}]
     assert first.provenance == {"question_id": "q1", "teacher": "gpt-3.5-turbo (NAT release)", "temperature": 0.2,
-                                "sample_index": 0, "source_file": "run.json"}
+                                "sample_index": 0, "source_file": "run.json", "rescored_reward": True}
     assert [t.provenance["temperature"] for t in trajs] == [0.2, 0.7, None, None, None]
     assert [t.provenance["sample_index"] for t in trajs] == [0, 1, 0, 1, 2]
 
@@ -70,6 +73,73 @@ def test_nat_train_flags_follow_the_loss_field(tmp_path):
     path.write_text(json.dumps([{"id": 1, "info": {"reward": True}, "conversations": conversation}]))
     (traj,), _ = from_nat(path, {"1": {"question": "q"}}, "math")
     assert [m["train"] for m in traj.messages] == [False, False, True]  # without a loss field: assistant turns train
+
+
+def _nat_record(qid, reward, *actions, **info):
+    return {"id": qid, "info": {"reward": reward, **info}, "conversations": _nat_turns(*actions)}
+
+
+def test_nat_rescoring_names_the_cause_of_each_disagreement(tmp_path):
+    """Each episode is re-scored with the task's own rule; a disagreement is explained by the value
+    (the file's answer or gold) that gives back the recorded label, else by the rule itself."""
+    questions = {q: {"question": "Is it?", "answer": True} for q in ("a", "b", "c", "d", "e")}
+    questions["nogold"] = {"question": "Who?"}
+    records = [
+        _nat_record("a", True, "finish[Yes]", pred="Yes", gt=True),  # agrees
+        _nat_record("b", False, "finish[Yes]\n\nSo it is.", pred="Yes]\n\nSo it is", gt=True),  # NAT's own reading
+        _nat_record("c", True, "finish[No]", pred="No", gt=False),  # graded against another gold
+        _nat_record("d", False, "finish[Yes.]", pred="Yes.", gt=True),  # the paper's exact yes/no rule
+        _nat_record("e", True, "search[x]"),  # recorded correct without an answer
+        _nat_record("nogold", True, "finish[Bob]", pred="Bob"),  # nothing to re-score against
+        _nat_record("e", False, "search[x]"),  # unfinished: agrees
+    ]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(records))
+    agreement = Agreement()
+    trajs, _ = from_nat(path, questions, "strategyqa", agreement)
+    assert [t.provenance["rescored_reward"] for t in trajs] == [True, True, False, True, False, None, False]
+    assert [t.reward for t in trajs] == [True, False, True, False, True, True, False]  # the label is the file's
+    assert (agreement.checked, agreement.agree, agreement.no_gold) == (6, 2, 1)
+    assert agreement.causes == {"answer read differently": 1, "other gold": 1, "scoring rule": 1, "no answer": 1}
+    assert agreement.disagreements[0] == (
+        f"{path}: trajectory 1 (b): recorded reward False, re-scored True (answer read differently; answer 'Yes', "
+        "file's answer 'Yes]\\n\\nSo it is', gold True, file's gold True)")
+    assert [line.split("(")[2].split(";")[0] for line in agreement.disagreements] == [
+        "answer read differently", "other gold", "scoring rule", "no answer"]
+    assert agreement.summary() == (
+        "re-scored 6 episodes: labels agree on 2 (33.3%); disagreements: 1 answer read differently, 1 other gold, "
+        "1 scoring rule, 1 no answer; 1 without a gold answer not re-scored")
+    # One Agreement collects several files.
+    from_nat(path, questions, "strategyqa", agreement)
+    assert (agreement.checked, agreement.agree, len(agreement.disagreements)) == (12, 4, 8)
+
+
+def test_nat_hotpotqa_score_is_the_f1_for_graded_tags(tmp_path):
+    """HotpotQA's `score` is the F1 (the file's where it records one, checked against the task's),
+    so a near miss lands in a middle graded class; the label stays the file's exact match."""
+    questions = {"1": {"question": "Who?", "answer": "Barack Obama"}, "2": {"question": "When?", "answer": "May 1999"}}
+    records = [
+        # NAT's HotpotQA files keep the normalised answers next to EM and F1.
+        _nat_record("1", False, "finish[President Obama]", pred="president obama", gt="barack obama", em=False,
+                    f1=0.5),
+        _nat_record("1", True, "finish[Barack Obama]", pred="barack obama", gt="barack obama", em=True, f1=1.0),
+        _nat_record("2", False, "finish[May]"),  # no recorded F1: the task's
+        _nat_record("2", False, "finish[in 1999]", f1=0.9),  # a recorded F1 wins, and disagrees (the task's: 0.5)
+        _nat_record("2", False, "search[x]"),  # unfinished
+    ]
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(records))
+    agreement = Agreement()
+    trajs, _ = from_nat(path, questions, "hotpotqa", agreement)
+    assert [t.score for t in trajs] == [0.5, 1.0, pytest.approx(2 / 3), 0.9, 0.0]
+    assert [(t.reward, t.pred, t.gold) for t in trajs][:2] == [(False, "President Obama", "Barack Obama"),
+                                                              (True, "Barack Obama", "Barack Obama")]
+    assert (agreement.checked, agreement.agree, agreement.f1_checked) == (5, 5, 3)
+    assert agreement.f1_disagreements == [
+        f"{path}: trajectory 3 (2): recorded F1 0.9000, re-scored 0.5000 (answer 'in 1999', file's answer None, "
+        "gold 'May 1999', file's gold None)"]
+    assert agreement.summary() == (
+        "re-scored 5 episodes: labels agree on 5 (100.0%); disagreements: none; recorded F1 agrees on 2 of 3")
 
 
 def test_fireact_reward_prediction_and_failure(tmp_path):
@@ -138,6 +208,10 @@ def test_fireact_bad_files(tmp_path, name, content, message):
      "('assistant', 'user'))"),
     ('[{"id": "q1", "source": "hot", "conversations": [{"role": "assistant", "content": "a"}]}]',
      "{path}: trajectory 0: not a valid trajectory (could not convert string to float: 'hot')"),
+    ('[{"id": "q1", "info": {"f1": "high"}, "conversations": [{"role": "assistant", "content": "a"}]}]',
+     "{path}: trajectory 0: not a valid trajectory (info.f1 must be a number from 0 to 1, got 'high')"),
+    ('[{"id": "q1", "info": {"f1": 1.5}, "conversations": [{"role": "assistant", "content": "a"}]}]',
+     "{path}: trajectory 0: not a valid trajectory (info.f1 must be a number from 0 to 1, got 1.5)"),
     ('[{"id": 1},\n]', "{path}: not valid JSON (Expecting value at line 2)"),
     ('[{"id": "q9", "conversations": []}]',
      "{path}: trajectory 0 has id 'q9', which is not in the question file; "
@@ -175,6 +249,7 @@ def test_cli_imports_nat_with_its_question_file(tmp_path, capsys):
                   "--task", "strategyqa")
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.splitlines() == [f"{tmp_path / 'run.json'}: skipped 1 empty episodes",
+                                          "re-scored 2 episodes: labels agree on 2 (100.0%); disagreements: none",
                                           f"wrote 2 trajectories (1 positive, 1 negative) to {out}"]
     loaded, _ = load_trajectories(out, task="strategyqa")
     assert [(t.id, t.reward) for t in loaded] == [("q1-run-0", True), ("q1-run-1", False)]
@@ -187,6 +262,8 @@ def test_cli_imports_nat_with_its_question_file(tmp_path, capsys):
      "NAT files carry no question text: pass --questions"),
     (["fireact", "{dir}/none.jsonl", "-o", "{dir}/out.jsonl", "--task", "hotpotqa"],
      "{dir}/none.jsonl: file not found"),
+    (["nat", "{dir}/run.json", "-o", "{dir}/out.jsonl", "--questions", "{dir}/in.jsonl", "--task", "trivia"],
+     "unknown task 'trivia'; choose one of: arith, math, hotpotqa, strategyqa"),
 ])
 def test_cli_user_errors_write_nothing(tmp_path, capsys, argv, fragment):
     (tmp_path / "in.jsonl").write_text(_fireact_line("q", "Action: finish[a]", "Observation: reward = True") + "\n")
@@ -214,8 +291,28 @@ def test_nat_strategyqa(data_dir):
     assert first.id == "b8677742616fef051f00-strategyqa_gpt-3.5_positive-0"
     assert first.question == "Are more people today related to Genghis Khan than Julius Caesar?"
     assert (first.gold, first.pred, first.provenance["temperature"]) == (True, "Yes", 0.5)
-    assert [m["train"] for m in first.messages] == [True, False] * 4
+    # NAT's closing "Observation: Episode finished" is dropped: the episode ends on the model's turn.
+    assert [m["train"] for m in first.messages] == [True, False] * 3 + [True]
+    assert first.messages[-1]["content"].endswith("Action: finish[Yes]")
+    assert all(t.messages[-1]["role"] == "assistant" for t in pos + neg)
     assert len({t.id for t in pos + neg}) == len(pos + neg)
+
+
+def test_nat_strategyqa_labels_agree_with_rescoring(data_dir):
+    """The release's labels against this project's StrategyQA scoring: the two disagree only where
+    NAT's parser kept the text after `finish[...]` as the answer (the paper's exact yes/no rule and
+    `scoring.yes_no` judge every answer in these files alike)."""
+    root = data_dir / "nat" / "strategyqa"
+    questions = read_question_file(root / "train.jsonl")
+    agreement = Agreement()
+    for name in ("positive", "negative"):
+        from_nat(root / f"strategyqa_gpt-3.5_{name}.json", questions, "strategyqa", agreement)
+    assert agreement.summary() == ("re-scored 2,326 episodes: labels agree on 2,324 (99.9%); "
+                                   "disagreements: 2 answer read differently")
+    negative = root / "strategyqa_gpt-3.5_negative.json"
+    assert [line.split(": recorded")[0] for line in agreement.disagreements] == [
+        f"{negative}: trajectory 729 (64f18d020f552f7dd4ec)", f"{negative}: trajectory 911 (5a83f0148ac78b495f2f)"]
+    assert all("recorded reward False, re-scored True" in line for line in agreement.disagreements)
 
 
 def test_nat_id_missing_from_question_file(data_dir):

@@ -9,6 +9,7 @@ from negagent.training.data import render_samples
 from negagent.errors import NegagentError
 from negagent.importers import from_nat, read_question_file
 from negagent.render import IGNORE, RenderedSample, Renderer, build_chat
+from tests.chat_templates import llama2_chat_tokenizer, qwen25_instruct_tokenizer, trained_span_texts
 from tests.helpers import make_traj
 
 STRATEGY_CFG = {"positive": "Solve it correctly.", "negative": "Solve it incorrectly.", "seed": 0,
@@ -313,17 +314,15 @@ def test_prompts_are_the_training_prefixes_token_for_token(tokenizer):
         plain, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def test_prompt_ids_cut_at_turn_boundaries_like_training(tokenizer):
-    """A prompt is tokenized piece by piece at turn boundaries, exactly as training cuts it: here an
-    assistant turn opening with newlines tokenizes differently inside the whole text."""
+def test_prompt_ids_are_the_prompt_texts_own_tokenization(tokenizer):
+    """A prompt is its text's tokenization (what a text backend sends), even where an earlier
+    assistant turn opening with newlines merges with the template's newline; such a chat cannot be
+    trained: its turn boundary does not survive tokenization."""
     chat = build_chat("I", "q", [{"role": "assistant", "content": "\n\n\nThought: x"}, {"role": "user", "content": "o"}])
     renderer = Renderer(tokenizer)
     text = renderer.prompt_text(chat)
-    start = text.index("\n\n\nThought")
-    end = text.index("<|im_end|>", start) + len("<|im_end|>")
-    pieces = [text[:start], text[start:end], text[end:]]
-    expected = [t for piece in pieces for t in tokenizer.encode(piece, add_special_tokens=False)]
-    assert renderer.prompt_ids(chat) == expected != tokenizer.encode(text, add_special_tokens=False)
+    assert renderer.prompt_ids(chat) == tokenizer.encode(text, add_special_tokens=False)
+    assert error_of(renderer.training, chat, "nl").startswith("sample nl: tokenization mismatch at token 17")
 
 
 def test_a_space_before_the_message_is_trained_with_it(tokenizer):
@@ -422,3 +421,111 @@ def test_debug_view_brackets_exactly_the_trained_spans(tokenizer):
     assert len(ids) == 3
     assert renderer.debug_view(RenderedSample("y", ids, [ids[0], IGNORE, 2])) == "[[Hello]] world[[<|im_end|>]]"
     assert renderer.debug_view(RenderedSample("y", ids, [IGNORE] * 3)) == "Hello world<|im_end|>"
+
+
+# -- other chat-model families: Llama-2-chat and Qwen2.5-instruct (tests/chat_templates.py) ---------
+
+FAMILIES = ("smollm2", "llama2", "llama2_legacy", "qwen25")
+# How each family's tokenizer decodes a trained turn: the content, then its end of turn (Llama's
+# template puts a space before `</s>`; its decoder drops the space before the content).
+TURN_TEXT = {"smollm2": "{}<|im_end|>", "llama2": "{} </s>", "llama2_legacy": "{} </s>", "qwen25": "{}<|im_end|>"}
+
+
+def family_tokenizer(request, family):
+    if family == "smollm2":
+        return request.getfixturevalue("tokenizer")
+    return llama2_chat_tokenizer(legacy=family == "llama2_legacy") if family.startswith("llama2") \
+        else qwen25_instruct_tokenizer()
+
+
+def test_chat_templates_render_like_their_families():
+    """The stand-ins render and tokenize as the real families do, so the tests below mean something."""
+    traj = make_traj(7, True, turns=2)
+    chat = [{"role": m["role"], "content": m["content"]} for m in build_chat("I", traj.question, traj.messages, tag="TAG")]
+    llama, legacy, qwen = llama2_chat_tokenizer(), llama2_chat_tokenizer(legacy=True), qwen25_instruct_tokenizer()
+    llama_text = ("<s>[INST] <<SYS>>\nI\n<</SYS>>\n\nTAG\nQuestion: What is 7? [/INST] Thought: step 0.\n"
+                  "Action: calculate[0+1] </s><s>[INST] Observation: 1 [/INST] Thought: done.\nAction: finish[7] </s>")
+    for tok in (llama, legacy):
+        assert tok.apply_chat_template(chat, tokenize=False) == llama_text
+        assert tok.apply_chat_template(chat[:4], tokenize=False, add_generation_prompt=True) == llama_text[:llama_text.index(" Thought: done")]
+        assert (tok.bos_token, tok.eos_token, tok.encode("a")[0]) == ("<s>", "</s>", tok.convert_tokens_to_ids("<s>"))
+        assert tok.convert_ids_to_tokens(tok.encode("\n", add_special_tokens=False))[-1] == "<0x0A>"  # byte fallback
+    # transformers 5's Llama prepends `▁` at the text's start only; Llama-2's tokenizer.json after every
+    # special token too (which its decoder then shows as a space).
+    assert llama.tokenize("<s>[INST]")[1] == "["
+    assert legacy.tokenize("<s>[INST]")[1].startswith("▁")
+    assert llama.decode(llama.encode(llama_text, add_special_tokens=False)) == llama_text
+    assert legacy.decode(legacy.encode(llama_text, add_special_tokens=False)).startswith("<s> [INST] <<SYS>>")
+    with pytest.raises(Exception, match="Conversation roles must alternate"):
+        llama.apply_chat_template(chat[2:], tokenize=False)
+    qwen_text = qwen.apply_chat_template(chat[1:2], tokenize=False, add_generation_prompt=True)
+    assert qwen_text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                         "<|im_start|>user\nTAG\nQuestion: What is 7?<|im_end|>\n<|im_start|>assistant\n")
+    assert (qwen.bos_token, qwen.eos_token, qwen.pad_token) == (None, "<|im_end|>", "<|endoftext|>")
+    assert qwen.decode(qwen.encode(qwen_text)) == qwen_text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("role", ["system", "user"])
+@pytest.mark.parametrize("untrained", [None, 0, 2, 4])
+def test_families_train_exactly_the_flagged_assistant_turns(request, family, role, untrained):
+    """On every family: the sample is the template's own tokenization; each trained run is one
+    assistant turn with `train` set, through its end-of-turn token (and nothing after it); the
+    inference prompt before every assistant turn is the sample's prefix and the template's own
+    tokenization. (Llama-2's tokenizer.json prepends `▁` to text it is given, so the turns cannot
+    be tokenized one by one.)"""
+    tok = family_tokenizer(request, family)
+    renderer = Renderer(tok)
+    traj = make_traj(7, True, turns=3)
+    if untrained is not None:
+        traj.messages[untrained]["train"] = False
+    chat = build_chat("I", traj.question, traj.messages, tag="TAG", instructions_role=role)
+    sample = renderer.training(chat, "t7")
+    text = renderer._template(chat, generation_prompt=False)
+    assert sample.input_ids == tok.encode(text, add_special_tokens=False)
+    trained = [m["content"] for m in chat if m["role"] == "assistant" and m["train"]]
+    assert trained_span_texts(sample, renderer) == [TURN_TEXT[family].format(content) for content in trained]
+    check_masks(sample, chat, renderer)
+    for k, msg in enumerate(chat):
+        if msg["role"] != "assistant":
+            continue
+        prompt = renderer.prompt_ids(chat[:k])
+        plain = [{"role": m["role"], "content": m["content"]} for m in chat[:k]]
+        assert prompt == sample.input_ids[: len(prompt)] == tok.apply_chat_template(
+            plain, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert sample.labels[len(prompt) - 1] == IGNORE
+        assert (sample.labels[len(prompt)] != IGNORE) == msg["train"]
+
+
+@pytest.mark.parametrize("family", ["smollm2", "qwen25"])
+def test_families_refuse_a_turn_boundary_lost_in_tokenization(request, family):
+    """Byte-level families merge newlines opening a message with the template's: a hard error."""
+    chat = build_chat("I", "q", [{"role": "assistant", "content": "\n\n\nThought: x\nAction: finish[1]"}])
+    message = error_of(Renderer(family_tokenizer(request, family)).training, chat, "odd-sample")
+    assert message.startswith("sample odd-sample: tokenization mismatch at token ")
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama2_legacy"])
+def test_llama_templates_strip_what_would_merge(request, family):
+    """Llama-2's template strips the message and puts a space before it, so the same turn trains
+    (the stripped message and its end-of-turn)."""
+    renderer = Renderer(family_tokenizer(request, family))
+    chat = build_chat("I", "q", [{"role": "assistant", "content": "\n\n\nThought: x\nAction: finish[1]  "}])
+    assert trained_span_texts(renderer.training(chat, "s"), renderer) == ["Thought: x\nAction: finish[1] </s>"]
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama2_legacy", "qwen25"])
+def test_nat_strategyqa_masks_and_parity_on_other_families(nat_strategyqa, request, family):
+    """A seeded subset of the real corpus on each other family: masks, end-of-turn, and the prompt
+    before every turn as the sample's prefix and the template's own tokenization."""
+    tok = family_tokenizer(request, family)
+    renderer = Renderer(tok)
+    for traj in random.Random(1).sample(nat_strategyqa, 100):
+        chat = build_chat("Answer with tools.", traj.question, traj.messages, tag="Solve it correctly.")
+        sample = renderer.training(chat, traj.id)
+        check_masks(sample, chat, renderer)
+        for k, msg in enumerate(chat):
+            if msg["role"] == "assistant":
+                prompt = renderer.prompt_ids(chat[:k])
+                assert prompt == sample.input_ids[: len(prompt)], (traj.id, k)
+                assert prompt == tok.encode(renderer.prompt_text(chat[:k]), add_special_tokens=False), (traj.id, k)

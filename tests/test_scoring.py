@@ -16,7 +16,12 @@ from negagent.scoring import exact_match, f1, math_numeric, math_strict, normali
         ("$18", "18", False, True),
         ("18 dollars", "18", False, True),
         ("18.", "18", False, True),
-        ("1800", "1,800", False, True),
+        # The paper's label drops the gold's thousands commas (GSM8K writes "2,125"), not the prediction's.
+        ("1800", "1,800", True, True),
+        ("2125", " 2,125", True, True),
+        ("1450000", "1,450,000", True, True),
+        ("2,125", "2,125", False, True),
+        ("1,800", "1,800", False, True),
         ("1,800", "1800", False, True),
         ("1,800,000", "1800000", False, True),
         ("3.50", "3.5", False, True),

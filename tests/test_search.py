@@ -1,4 +1,5 @@
-"""Search backends: the corpus formats, BM25 on the real data, serper against a local fake server."""
+"""Offline search: the corpus formats, BM25 on the real data, the questions whose context the corpus
+holds and the HotpotQA evaluation on those (web search: test_serper.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,14 @@ import hashlib
 import json
 import os
 import re
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import bm25s
-import httpx
 import pytest
 
 from negagent.errors import NegagentError
-from negagent.tools import BM25Search, SerperSearch, ToolCache, build_corpus, build_toolbox
-from negagent.tools.search import NO_RESULTS, SERPER_URL, build_search_backend, format_passages
-from tests.servers import free_port
+from negagent.tools import BM25Search, ToolCache, build_corpus, build_toolbox
+from negagent.tools.search import NO_RESULTS, build_search_backend, corpus_questions, format_passages, question_key
 
 OBSERVATION = re.compile(r"^#1: (?P<p1>.+) #2: (?P<p2>.+) #3: (?P<p3>.+)$")
 
@@ -151,6 +147,20 @@ def test_build_search_backend_checks_k_and_length(key: str) -> None:
     assert str(err.value) == f"search.{key} must be at least 1, not 0"
 
 
+def test_build_search_backend_bm25_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bm25 is the default backend, k=3 and 400 characters, its index in ~/.cache/negagent."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _write_mini_data(tmp_path / "data")
+    backend = build_search_backend({"data_dir": str(tmp_path / "data")})
+    assert isinstance(backend, BM25Search) and (backend.top_k, backend.max_chars) == (3, 400)
+    assert backend.index_dir.parent == tmp_path / "home" / ".cache" / "negagent"
+    custom = build_search_backend({"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "c"), "top_k": 1})
+    assert (custom.top_k, custom.index_dir.parent) == (1, tmp_path / "c")
+    with pytest.raises(NegagentError) as err:
+        build_search_backend({"backend": "bing"})
+    assert str(err.value) == "unknown search.backend 'bing': use bm25 or serper"
+
+
 def test_bm25_needs_a_writable_cache(tmp_path: Path) -> None:
     _write_mini_data(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
@@ -280,162 +290,112 @@ def test_toolbox_search_from_config_replays(
     assert replayed == live
 
 
-# --- serper against a local fake server ------------------------------------------------------
-
-KEY = "sk-test-DO-NOT-LEAK-4242"
+# --- which questions the corpus holds the context of --------------------------------------------
 
 
-class _FakeSerper(BaseHTTPRequestHandler):
-    received: list[tuple[str, str | None, dict]] = []
-    # "/slow" answers only once this is set (at the fixture's teardown): the client's timeout fires first.
-    release = threading.Event()
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeSerper.received.append((self.path, self.headers.get("X-API-KEY"), body))
-        if self.path == "/slow":
-            _FakeSerper.release.wait(timeout=120)
-        status = {"/search": 200, "/slow": 200, "/denied": 403, "/unauthorized": 401, "/broken": 500,
-                  "/garbage": 200, "/snippet": 200, "/odd": 200, "/list": 200}[self.path]
-        if self.path == "/garbage":
-            payload = b"<html>not json</html>"
-        elif self.path == "/snippet":  # a direct answer given as a snippet
-            payload = json.dumps({"answerBox": {"snippet": "Boxed."}, "organic": [{"snippet": "First."}]}).encode()
-        elif self.path == "/odd":  # entries of the wrong shape are skipped
-            payload = json.dumps({"answerBox": "text", "organic": ["x", {"title": "no snippet"}, {"snippet": "Ok."}]}).encode()
-        elif self.path == "/list":
-            payload = b"[]"
-        else:
-            payload = json.dumps(
-                {
-                    "answerBox": {"answer": "Chief of Protocol"},
-                    "organic": [
-                        {"title": "Shirley Temple", "snippet": "Shirley Temple Black was an actress\nand diplomat."},
-                        {"title": "Kiss and Tell", "snippet": "Kiss and Tell is a 1945 film. " * 30},
-                        {"title": "Other", "snippet": "A fourth snippet."},
-                    ],
-                }
-            ).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout test)
-            pass
-
-    def log_message(self, *args: object) -> None:
-        pass
+def test_corpus_questions_are_those_whose_records_carry_passages(tmp_path: Path) -> None:
+    """Every record format that adds passages names its question; records without passages and
+    title corpora (passages without questions) name none; spelling differences meet."""
+    hotpot = tmp_path / "hotpotqa_context"
+    for folder in ("raw", "ircot", "ecm", "corpus"):
+        (hotpot / folder).mkdir(parents=True)
+    (tmp_path / "strategyqa_evidence").mkdir()
+    (hotpot / "raw" / "dev.json").write_text(json.dumps([
+        {"question": "Who is Alpha?", "context": [["Alpha", ["Alpha is a letter."]]]},
+        {"question": "Who is nobody?", "context": []},
+        "not a record",
+    ]))
+    (hotpot / "ircot" / "dev.jsonl").write_text(json.dumps(
+        {"question_text": "Where is Delta?", "contexts": [{"title": "Delta", "paragraph_text": "A river mouth."}]}) + "\n")
+    (hotpot / "ecm" / "test.json").write_text(json.dumps([
+        {"question": "What is Epsilon?", "evidence": ["Epsilon | Epsilon is fifth."]}, {"question": "Empty?", "evidence": []}]))
+    (hotpot / "corpus" / "corpus.json").write_text(json.dumps({"Eta": ["Eta is seventh."]}))
+    (tmp_path / "strategyqa_evidence" / "dev.json").write_text(json.dumps([
+        {"question": "Is Kappa Greek?", "evidence": [[[["Kappa-1"]]]], "golden_sentence": [["Kappa is Greek."]]}]))
+    assert corpus_questions(tmp_path) == {
+        question_key(q) for q in ("who is alpha ?", "Where is Delta?", "What is Epsilon?", "Is Kappa Greek?")}
+    assert question_key(" Who is  Alpha? ") == question_key("who is alpha") == "whoisalpha"
 
 
-@pytest.fixture(scope="module")
-def fake_serper() -> Iterator[str]:
-    _FakeSerper.release = threading.Event()  # a fresh one: an earlier session in this process set its own
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSerper)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    _FakeSerper.release.set()
-    server.shutdown()
-    server.server_close()
-
-
-def _serper(monkeypatch: pytest.MonkeyPatch, url: str, **kwargs: object) -> SerperSearch:
-    monkeypatch.setenv("NEGAGENT_TEST_SERPER_KEY", KEY)
-    return SerperSearch(url=url, api_key_env="NEGAGENT_TEST_SERPER_KEY", **kwargs)
-
-
-def test_serper_formats_answer_and_snippets(monkeypatch: pytest.MonkeyPatch, fake_serper: str) -> None:
-    observation = _serper(monkeypatch, f"{fake_serper}/search").search("Corliss Archer actress")
-    match = OBSERVATION.match(observation)
-    assert match, observation
-    assert match["p1"] == "Chief of Protocol"
-    assert match["p2"] == "Shirley Temple Black was an actress and diplomat."
-    # 13 whole sentences are 390 characters; the 400-character cut ends at the last whole word.
-    assert match["p3"] == "Kiss and Tell is a 1945 film. " * 13 + "Kiss and ..."
-    path, key, body = _FakeSerper.received[-1]
-    assert (path, key, body) == ("/search", KEY, {"q": "Corliss Archer actress"})
-
-
-@pytest.mark.parametrize(
-    "path, expected",
-    [
-        ("/denied", "Error: search service answered HTTP 403; check the key in NEGAGENT_TEST_SERPER_KEY"),
-        ("/unauthorized", "Error: search service answered HTTP 401; check the key in NEGAGENT_TEST_SERPER_KEY"),
-        ("/snippet", "#1: Boxed. #2: First."),
-        ("/odd", "#1: Ok."),
-        ("/list", NO_RESULTS),
-        ("/broken", "Error: search service answered HTTP 500"),
-        ("/garbage", "Error: search service answered with invalid JSON"),
-        ("/slow", "Error: search timed out after 0.2 s"),
-    ],
-)
-def test_serper_failures_are_error_observations(
-    monkeypatch: pytest.MonkeyPatch, fake_serper: str, path: str, expected: str
-) -> None:
-    assert _serper(monkeypatch, fake_serper + path, timeout_s=0.2).search("q") == expected
-
-
-def test_serper_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SERPER_API_KEY", KEY)
-    backend = SerperSearch()
-    assert (backend.top_k, backend.max_chars, backend.url, backend.api_key_env, backend.timeout_s) == (
-        3, 400, SERPER_URL, "SERPER_API_KEY", 10.0)
-    assert backend._client.timeout == httpx.Timeout(10.0)  # the timeout reaches the HTTP client
-
-
-@pytest.mark.parametrize("cfg, expected", [
-    ({"backend": "serper"}, (3, 400, SERPER_URL, "SERPER_API_KEY", 10.0)),
-    ({"backend": "serper", "top_k": 1, "max_chars": 1,
-      "serper": {"url": "http://127.0.0.1:1/s", "api_key_env": "NEGAGENT_TEST_SERPER_KEY", "timeout_s": 2}},
-     (1, 1, "http://127.0.0.1:1/s", "NEGAGENT_TEST_SERPER_KEY", 2.0)),
-])
-def test_build_search_backend_serper(monkeypatch: pytest.MonkeyPatch, cfg: dict, expected: tuple) -> None:
-    monkeypatch.setenv("SERPER_API_KEY", KEY)
-    monkeypatch.setenv("NEGAGENT_TEST_SERPER_KEY", KEY)
-    backend = build_search_backend(cfg)
-    assert isinstance(backend, SerperSearch)
-    assert (backend.top_k, backend.max_chars, backend.url, backend.api_key_env, backend.timeout_s) == expected
-    assert backend._client.timeout == httpx.Timeout(expected[-1])
-
-
-def test_build_search_backend_bm25_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """bm25 is the default backend, k=3 and 400 characters, its index in ~/.cache/negagent."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    _write_mini_data(tmp_path / "data")
-    backend = build_search_backend({"data_dir": str(tmp_path / "data")})
-    assert isinstance(backend, BM25Search) and (backend.top_k, backend.max_chars) == (3, 400)
-    assert backend.index_dir.parent == tmp_path / "home" / ".cache" / "negagent"
-    custom = build_search_backend({"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "c"), "top_k": 1})
-    assert (custom.top_k, custom.index_dir.parent) == (1, tmp_path / "c")
+def test_corpus_questions_reports_a_broken_file(tmp_path: Path) -> None:
+    path = tmp_path / "hotpotqa_context" / "x" / "broken.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps([{"question": "q", "contexts": [{"title": "no text"}]}]))
     with pytest.raises(NegagentError) as err:
-        build_search_backend({"backend": "bing"})
-    assert str(err.value) == "unknown search.backend 'bing': use bm25 or serper"
+        corpus_questions(tmp_path)
+    assert str(err.value) == f"cannot read search corpus file {path} (KeyError: 'paragraph_text')"
 
 
-def test_serper_unreachable_is_an_error_observation(monkeypatch: pytest.MonkeyPatch) -> None:
-    observation = _serper(monkeypatch, f"http://127.0.0.1:{free_port()}/search", timeout_s=1).search("q")
-    assert observation == "Error: search request failed (ConnectError)"
+def test_the_real_corpus_holds_the_context_of_137_nat_dev_questions(data_dir: Path) -> None:
+    """Matched by question text (the files' ids differ): 80 with paragraphs, 57 with gold evidence only."""
+    from negagent.tasks import get_task
+
+    questions = get_task({"name": "hotpotqa", "data_dir": str(data_dir)}).test_sets()["hotpotqa"]
+    covered = corpus_questions(data_dir)
+    assert (len(questions), sum(question_key(q.question) in covered for q in questions)) == (500, 137)
 
 
-def test_serper_needs_its_key_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SERPER_API_KEY", raising=False)
-    with pytest.raises(NegagentError, match="set the environment variable SERPER_API_KEY"):
-        build_toolbox(["search"], {"search": {"backend": "serper"}})
+class _Finisher:
+    """A stand-in model that answers every question at once."""
+
+    name = "finisher"
+
+    def complete(self, chats: list, sampling: object) -> list[str]:
+        return ["Thought: done.\nAction: finish[x]"] * len(chats)
 
 
-def test_serper_key_never_leaks(monkeypatch: pytest.MonkeyPatch, fake_serper: str, tmp_path: Path) -> None:
-    backend = _serper(monkeypatch, f"{fake_serper}/denied")
-    assert KEY not in repr(backend) and KEY not in str(backend) and KEY not in backend.identity
-    assert KEY not in backend.search("q")
-    cfg = {
-        "search": {
-            "backend": "serper",
-            "serper": {"url": f"{fake_serper}/search", "api_key_env": "NEGAGENT_TEST_SERPER_KEY"},
-        }
-    }
-    cache = tmp_path / "tools.jsonl"
-    result = build_toolbox(["search"], cfg, ToolCache(cache, "record")).call("search", "q")
-    assert result.ok
-    assert KEY not in cache.read_text()
+@pytest.mark.parametrize("limit, evaluated", [(None, ["1", "2"]), (1, ["1"])])
+def test_offline_hotpotqa_evaluates_the_questions_with_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture, limit: int | None, evaluated: list[str]
+) -> None:
+    """With bm25, HotpotQA runs the questions whose context the corpus holds (limit_test counts
+    among those), says so in one line and in metrics.json."""
+    from omegaconf import OmegaConf
+
+    from negagent.evaluation import evaluate
+    from negagent.evaluation.evaluator import default_config
+    from tests.helpers import TINY_MODEL
+
+    data = tmp_path / "data"
+    (data / "nat" / "hotpotqa").mkdir(parents=True)
+    questions = [{"question": f"Question number {n}?", "answer": "x", "type": "bridge", "id": n} for n in range(4)]
+    (data / "nat" / "hotpotqa" / "dev_random_500.json").write_text(json.dumps(questions))
+    (data / "hotpotqa_context" / "raw").mkdir(parents=True)
+    (data / "hotpotqa_context" / "raw" / "dev.json").write_text(json.dumps([
+        {"question": "question number 2 ?", "context": [["Two", ["Two is a number."]]]},  # spelled differently
+        {"question": "Question number 1?", "context": [["One", ["One is a number."]]]},
+        {"question": "Question number 9?", "context": [["Nine", ["Nine is not asked."]]]},
+    ]))
+    cfg = OmegaConf.merge(default_config(), {
+        "model": TINY_MODEL, "progress": False,
+        "task": {"name": "hotpotqa", "data_dir": str(data), "limit_test": limit, "max_turns": 2},
+        "tools": {"search": {"data_dir": str(data), "cache_dir": str(tmp_path / "index")}}})
+    metrics = evaluate(cfg, tmp_path / "out", backend=_Finisher())
+    assert metrics["corpus_coverage"] == {"questions": 4, "with_context": 2, "evaluated": len(evaluated)}
+    episodes = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    assert [e["provenance"]["question_id"] for e in episodes] == evaluated
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["corpus_coverage"] == metrics["corpus_coverage"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: offline search")]
+    assert notes == [f"note: offline search (tools.search.backend=bm25) holds the context of 2 of 4 hotpotqa test "
+                     f"questions; evaluating {len(evaluated)} of those only (metrics.json: corpus_coverage)"]
+
+
+def test_offline_hotpotqa_without_any_context_is_refused(tmp_path: Path) -> None:
+    from negagent.evaluation import evaluate
+    from negagent.evaluation.evaluator import default_config
+    from tests.helpers import TINY_MODEL
+
+    data = tmp_path / "data"
+    (data / "nat" / "hotpotqa").mkdir(parents=True)
+    (data / "nat" / "hotpotqa" / "dev_random_500.json").write_text(json.dumps(
+        [{"question": "Unseen?", "answer": "x", "type": "bridge", "id": 0}]))
+    (data / "hotpotqa_context" / "raw").mkdir(parents=True)
+    (data / "hotpotqa_context" / "raw" / "dev.json").write_text(json.dumps(
+        [{"question": "Other?", "context": [["A", ["A."]]]}]))
+    cfg = default_config()
+    cfg.model, cfg.task = dict(TINY_MODEL), {"name": "hotpotqa", "data_dir": str(data)}
+    cfg.tools.search.data_dir = str(data)
+    with pytest.raises(NegagentError) as err:
+        evaluate(cfg, tmp_path / "out", backend=_Finisher())
+    assert str(err.value) == (f"no hotpotqa test question has its context in the search corpus of {data}: add "
+                              "hotpotqa_context/ files there, or search the web (tools.search.backend=serper)")

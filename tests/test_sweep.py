@@ -334,8 +334,15 @@ def test_every_experiment_preset_is_listed():
 
 
 @pytest.mark.parametrize("preset", sorted(EXPERIMENT_MEMBERS))
-def test_experiment_presets_compose(preset, capsys):
-    out = _show(["-m", f"experiment={preset}", "--cfg", "all", "--resolve"], capsys)
+def test_experiment_presets_compose(preset, capsys, request):
+    argv = ["-m", f"experiment={preset}", "--cfg", "all", "--resolve"]
+    if preset.startswith(("math", "tag_", "hotpotqa", "strategyqa", "paper_base")):
+        # The paper presets read the paper's prompt files (prompt=nat) from the data directory.
+        data = request.getfixturevalue("data_dir")
+        argv.append(f"data_dir={data}")
+        if preset == "paper_base":  # shared settings only: no task of its own, so no prompt file chosen
+            argv.append(f"render.prompt_file={data}/nat/prompts/gsm8k/gsm8k_conversation.json")
+    out = _show(argv, capsys)
     docs = out.split("# member #")[1:]
     assert len(docs) == EXPERIMENT_MEMBERS[preset]
     configs = [yaml.safe_load(doc.split("\n", 1)[1]) for doc in docs]

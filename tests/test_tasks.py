@@ -48,6 +48,8 @@ DATA_TASKS = ("math", "hotpotqa", "strategyqa")
         # 0 turns would store episodes without a single message, which no loader accepts.
         ({"name": "arith", "max_turns": 0}, "task.max_turns=0: expected an integer >= 1"),
         ({"name": "math", "max_turns": "7"}, "task.max_turns='7': expected an integer >= 1"),
+        ({"name": "hotpotqa", "on_parse_error": "stop"}, "task.on_parse_error='stop': choose one of: observe, end"),
+        ({"name": "arith", "on_parse_error": None}, "task.on_parse_error=None: choose one of: observe, end"),
         ({"name": "x"}, "unknown task 'x'; choose one of: arith, math, hotpotqa, strategyqa"),
         ({}, "unknown task None; choose one of: arith, math, hotpotqa, strategyqa"),
     ],
@@ -258,6 +260,15 @@ def test_task_config_files(name):
     assert task.name == name
 
 
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_task_carries_on_parse_error(name):
+    """What the agent loop does with an unusable turn comes from the task config: `observe` by
+    default and in every config file, `end` (the paper's loop) when asked."""
+    assert get_task({"name": name, "data_dir": None}).on_parse_error == "observe"
+    assert get_task({"name": name, "data_dir": None, "on_parse_error": "end"}).on_parse_error == "end"
+    assert OmegaConf.load(REPO / "conf" / "task" / f"{name}.yaml").on_parse_error == "observe"
+
+
 # --- real data ---------------------------------------------------------------------------------
 
 
@@ -290,6 +301,17 @@ def test_math_gold_and_steps(math_task):
     ]
     assert sum(len(q.meta["steps"]) for q in train) == 23716  # every <<expr=value>> note
     assert all("<<" not in step["text"] for q in train for step in q.meta["steps"])
+
+
+def test_strict_rule_drops_the_golds_thousands_commas(math_task):
+    """The paper's label compares `finish[2125]` with GSM8K's "2,125" after dropping its commas:
+    14 of the 1,319 GSM8K test answers have such commas, and each is right only without them."""
+    task, _, tests = math_task
+    with_commas = [q.gold for q in tests["gsm8k"] if "," in q.gold]
+    assert len(with_commas) == 14 and "2,125" in with_commas and "1,450,000" in with_commas
+    assert all(task.score(gold.replace(",", ""), gold)["strict"] for gold in with_commas)
+    assert not any(task.score(gold, gold)["strict"] for gold in with_commas)
+    assert all("," not in q.gold for name in ("svamp", "asdiv", "multiarith") for q in tests[name])
 
 
 def test_math_options(data_dir):

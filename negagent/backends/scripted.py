@@ -92,10 +92,17 @@ class ScriptedTeacher:
 
     # --- reading the conversation -------------------------------------------------------------
 
+    @staticmethod
+    def _episode_start(chat: Sequence[dict]) -> int:
+        """Index of the question turn: the last user turn before the episode's own turns (an
+        opening may hold user turns and untrained assistant turns of its own)."""
+        first_own = next((i for i, m in enumerate(chat) if m["role"] == "assistant" and m.get("train", True)), len(chat))
+        return max(i for i, m in enumerate(chat[:first_own]) if m["role"] == "user")
+
     def _question(self, chat: Sequence[dict]) -> Question:
-        first_user = next(m["content"] for m in chat if m["role"] == "user")
-        start = first_user.find("Question: ")
-        text = (first_user[start + len("Question: "):] if start >= 0 else first_user).strip()
+        asked = chat[self._episode_start(chat)]["content"]
+        start = asked.find("Question: ")
+        text = (asked[start + len("Question: "):] if start >= 0 else asked).strip()
         question = self._questions.get(text) or self._questions.get(text.rsplit("\n", 1)[0].strip())
         if question is None:
             raise NegagentError(
@@ -104,16 +111,10 @@ class ScriptedTeacher:
             )
         return question
 
-    @staticmethod
-    def _observations(chat: Sequence[dict]) -> list[str]:
-        seen_question = False
-        observations = []
-        for message in chat:
-            if message["role"] == "user":
-                if seen_question:
-                    observations.append(message["content"].removeprefix("Observation:").strip())
-                seen_question = True
-        return observations
+    @classmethod
+    def _observations(cls, chat: Sequence[dict]) -> list[str]:
+        return [m["content"].removeprefix("Observation:").strip()
+                for m in chat[cls._episode_start(chat) + 1:] if m["role"] == "user"]
 
     # --- deciding and writing an episode ------------------------------------------------------
 

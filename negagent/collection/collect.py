@@ -11,8 +11,8 @@ Files in the output directory:
                         settings refuses the directory instead of mixing data
     episodes.jsonl      every episode, append-only, flushed and fsynced per record: the resume ledger
     trajectories.jsonl  the training set under the protocol's `keep` rule (append-only too):
-                        `all`, or `one_positive` (the paper: the first positive of each question
-                        and every negative)
+                        `all`, or `one_positive` (the paper: one positive of each question, a
+                        seeded random one of its samples, and every negative)
     stats.json          positives, negatives, failure types, length distribution, teacher usage
 
 Re-running the same command resumes: episodes already in episodes.jsonl are not run again, and
@@ -21,9 +21,9 @@ trajectories.jsonl is brought up to date with them first (a kill between the two
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import random
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from negagent import rundir
 from negagent.agent import Sampling, run_episodes
-from negagent.render import instructions_role
+from negagent.render import ChatOpening, chat_opening, instructions_role
 from negagent.tagging import KEEP_RULES
 from negagent.files import write_json_atomic
 from negagent.errors import NegagentError
@@ -146,28 +146,59 @@ def _check_records(path: Path, records: Iterable[Trajectory], teacher: str) -> N
             )
 
 
+def _sample_order(seed: int, question_id: str, n_samples: int) -> list[int]:
+    """The seeded random order in which `one_positive` prefers the samples of one question."""
+    # A string seed is hashed with SHA-512: the same order on every run, whatever PYTHONHASHSEED.
+    return random.Random(f"negagent-keep-{seed}-{question_id}").sample(range(n_samples), n_samples)
+
+
 class _Keeper:
-    """The protocol's keep rule, applied the same way online and when healing after a kill."""
+    """The protocol's keep rule, applied the same way online and when healing after a kill.
 
-    def __init__(self, keep: str, kept: Iterable[Trajectory]):
-        self.keep = keep
-        self.kept_ids = set()
-        self.positive_questions = set()
-        for traj in kept:
-            self._note(traj)
+    `one_positive` keeps every negative and, of each question, the positive that comes first in a
+    seeded random order of its samples: a uniform draw among its positives, so the kept positives
+    spread over the temperatures as the paper's do (the first positive would mostly be a 0.2 one).
+    The draw depends on the seed and on which samples succeeded only, never on the order episodes
+    end in, so a resumed run keeps what an uninterrupted one keeps. A positive is released once
+    every sample ahead of it in that order has ended as a negative. A trajectory without a trained
+    turn (its only turn was left out under task.on_parse_error=end) has nothing to train: never kept.
+    """
 
-    def _note(self, traj: Trajectory) -> None:
-        self.kept_ids.add(traj.id)
-        if traj.reward:
-            self.positive_questions.add(traj.question_id)
+    def __init__(self, keep: str, kept: Iterable[Trajectory], *, seed: int, n_samples: int):
+        self.keep, self.seed, self.n_samples = keep, seed, n_samples
+        kept = list(kept)
+        self.kept_ids = {traj.id for traj in kept}
+        # Questions whose positive is decided; one kept by an earlier rule stays the only one.
+        self.settled = {traj.question_id for traj in kept if traj.reward}
+        # Undecided questions: sample index -> the positive, or None for a negative.
+        self.ended: dict[str, dict[int, Trajectory | None]] = defaultdict(dict)
 
-    def admit(self, traj: Trajectory) -> bool:
-        if traj.id in self.kept_ids:
-            return False
-        if self.keep == "one_positive" and traj.reward and traj.question_id in self.positive_questions:
-            return False
-        self._note(traj)
-        return True
+    def admit(self, traj: Trajectory) -> list[Trajectory]:
+        """What to append to the training file now that `traj` has ended: `traj`, a positive that
+        waited for it, both, or nothing."""
+        chosen = [traj] if self.keep == "all" or not traj.reward else []
+        if self.keep == "one_positive":
+            chosen += self._positive(traj)
+        fresh = [t for t in chosen if t.id not in self.kept_ids and any(m.get("train") for m in t.messages)]
+        self.kept_ids.update(t.id for t in fresh)
+        return fresh
+
+    def _positive(self, traj: Trajectory) -> list[Trajectory]:
+        question = traj.question_id
+        if question in self.settled:
+            return []
+        ended = self.ended[question]
+        ended[int(traj.provenance["sample_index"])] = traj if traj.reward else None
+        chosen = []
+        for sample in _sample_order(self.seed, question, self.n_samples):
+            if sample not in ended:
+                return []  # a sample ahead in the order may still succeed
+            if ended[sample] is not None:
+                chosen = [ended[sample]]
+                break
+        self.settled.add(question)
+        del self.ended[question]
+        return chosen
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -268,7 +299,8 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
 
     `cfg` is a generate config (generate.yaml) as a dict or DictConfig: `task` is required; `teacher`,
     `protocol` and `tools` default to scripted / paper / default; `seed`, `generation.max_new_tokens`,
-    `generation.top_p`, `generation.chunk_size`, `generation.progress`, `render.instructions_role` are
+    `generation.top_p`, `generation.chunk_size`, `generation.progress`, `render` (the prompt: `opening`,
+    `question`, `instructions_role`) are
     optional. `backend` replaces the one the teacher config would build (it must carry the same
     label). The training file is `out_dir/trajectories.jsonl`.
     """
@@ -282,9 +314,12 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
     label = backend.name if backend is not None else teacher_label(cfg)
     seed = int(cfg.get("seed") or 0)
     generation = cfg.get("generation") or {}
+    render = cfg.get("render") or {}
+    opening = chat_opening(render, task.instructions)  # the teacher's prompt: own wording or a prompt file's
     identity = {
         "task": task.name, "teacher": label, "temperatures": temperatures,
-        "samples_per_temperature": per_temperature, "seed": seed, "keep": keep,
+        "samples_per_temperature": per_temperature, "seed": seed, "keep": keep, "prompt": opening.digest(),
+        "on_parse_error": task.on_parse_error,
     }
     _check_identity(out_dir, identity)  # before anything is read or written
     episodes_path, kept_path = out_dir / EPISODES, out_dir / TRAJECTORIES
@@ -306,30 +341,29 @@ def collect(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, backend=None)
         result = toolbox.call(name, argument)
         return result.observation, result.ok
 
-    render = cfg.get("render") or {}
     provenance = {
         "teacher": label,
         "protocol": cfg["protocol"].get("name", keep),
         "tools": list(task.tools),
         "tool_backend": (tools_cfg.get("search") or {}).get("backend") if "search" in task.tools else None,
-        "prompt": hashlib.sha256(task.instructions.encode()).hexdigest()[:12],
+        "prompt": opening.digest(),
         "instructions_role": instructions_role(render),
     }
     # The teacher is built before anything is written: a wrong URL, model or key leaves no trace.
     teacher = None
     if n_pending:
         teacher = backend if backend is not None else _build_teacher(cfg, task, label)
-    keeper = _Keeper(keep, kept)
+    keeper = _Keeper(keep, kept, seed=seed, n_samples=len(temperatures) * per_temperature)
     started, collected = time.monotonic(), 0
     try:
         _write_identity(out_dir, identity)
         with TrajectoryWriter(episodes_path) as all_writer, TrajectoryWriter(kept_path) as kept_writer:
             for traj in episodes:  # heal: episodes a kill left out of the training file
-                if keeper.admit(traj):
-                    kept_writer.write(traj)
+                for record in keeper.admit(traj):
+                    kept_writer.write(record)
             if n_pending:
                 plan = _Plan(task, teacher, call_tool, pending, temperatures, per_temperature, seed, generation,
-                             instructions_role(render), provenance)
+                             opening, provenance)
                 collected = _run(plan, all_writer, kept_writer, keeper)
     finally:
         usage = dict(getattr(teacher, "stats", {}) or {})
@@ -353,7 +387,7 @@ class _Plan:
     per_temperature: int
     seed: int
     generation: dict
-    instructions_role: str
+    opening: ChatOpening
     provenance: dict
 
     @property
@@ -382,11 +416,11 @@ def _run(plan: _Plan, all_writer, kept_writer, keeper) -> int:
                 jobs = [(q, sample) for q in questions[start:start + chunk]]
                 for traj in run_episodes(
                     plan.teacher, plan.task, jobs, plan.call_tool, sampling=plan.sampling(sample), tag=None,
-                    instructions_role=plan.instructions_role, provenance=plan.provenance,
+                    opening=plan.opening, provenance=plan.provenance,
                 ):
                     all_writer.write(traj)
-                    if keeper.admit(traj):
-                        kept_writer.write(traj)
+                    for record in keeper.admit(traj):
+                        kept_writer.write(record)
                     collected += 1
                     bar.update(1)
     finally:

@@ -35,7 +35,7 @@ from negagent.errors import NegagentError
 from negagent.files import write_json_atomic
 from negagent.metrics import BOOTSTRAP_RESAMPLES, summarize
 from negagent.model_source import ModelSource, base_model, from_run_dir
-from negagent.render import instructions_role
+from negagent.render import ChatOpening, chat_opening, instructions_role
 from negagent.tasks import get_task
 from negagent.tasks.base import Question, Task
 from negagent.trajectory import Trajectory, TrajectoryWriter, load_trajectories
@@ -98,6 +98,41 @@ def _test_sets(task: Task, wanted: Sequence[str] | str | None) -> dict[str, list
     if unknown:
         raise NegagentError(f"test_sets={wanted}: task {task.name} has test sets: {', '.join(sets)}")
     return {name: sets[name] for name in wanted}
+
+
+def _searchable(task: Task, task_cfg: Mapping[str, Any], test_sets: dict[str, list[Question]],
+                cfg: Mapping[str, Any]) -> tuple[dict[str, list[Question]], dict | None]:
+    """The test sets the configured search can serve, and the coverage counts when that is a subset.
+
+    Refuses at once a web search that could not run (no key, no replay cache). A context-bound task
+    (HotpotQA) on offline search keeps the questions whose context the corpus holds, `limit_test`
+    then counting among those: the others cannot be answered from it.
+    """
+    from negagent.tools.search import corpus_questions, question_key
+    from negagent.tools.toolbox import check_search_access
+
+    tools_cfg = cfg.get("tools") or {}
+    check_search_access(task.tools, tools_cfg)
+    search = tools_cfg.get("search") or {}
+    offline = "search" in task.tools and search.get("backend", "bm25") == "bm25"
+    if not (offline and getattr(task, "context_bound", False)):
+        return test_sets, None
+    covered = corpus_questions(search.get("data_dir"))
+    every = _test_sets(get_task({**task_cfg, "limit_test": None}), list(test_sets))
+    limit = task_cfg.get("limit_test")
+    kept = {name: [q for q in questions if question_key(q.question) in covered] for name, questions in every.items()}
+    coverage = {"questions": sum(map(len, every.values())), "with_context": sum(map(len, kept.values()))}
+    if not coverage["with_context"]:
+        raise NegagentError(
+            f"no {task.name} test question has its context in the search corpus of {search.get('data_dir')}: "
+            "add hotpotqa_context/ files there, or search the web (tools.search.backend=serper)"
+        )
+    kept = {name: questions[:limit] if limit is not None else questions for name, questions in kept.items()}
+    coverage["evaluated"] = sum(map(len, kept.values()))
+    print(f"note: offline search (tools.search.backend=bm25) holds the context of {coverage['with_context']} of "
+          f"{coverage['questions']} {task.name} test questions; evaluating {coverage['evaluated']} of those only "
+          "(metrics.json: corpus_coverage)", flush=True)
+    return kept, coverage
 
 
 def _sampling(cfg: Mapping[str, Any]) -> tuple[Sampling, int, list[int]]:
@@ -191,6 +226,10 @@ class _Evaluation:
     def instructions_role(self) -> str:
         return instructions_role(self.render_cfg)
 
+    @property
+    def opening(self) -> ChatOpening:
+        return chat_opening(self.render_cfg, self.task.instructions)
+
     def setup(self) -> tuple[str, str]:
         """A hash (and its text) of what decides episode outcomes besides an episode's key: the model,
         backend, sampling, turn limit and prompt layout. Resumed episodes must share it."""
@@ -200,6 +239,10 @@ class _Evaluation:
             f"max_new_tokens={self.sampling.max_new_tokens} max_turns={self.max_turns} "
             f"instructions_role={self.instructions_role}"
         )
+        if self.render_cfg.get("opening") is not None:  # a prompt file's opening: name which one ran
+            desc += f" prompt={self.opening.digest()}"
+        if self.task.on_parse_error != "observe":  # the paper's loop: episodes end at an unusable turn
+            desc += f" on_parse_error={self.task.on_parse_error}"
         return hashlib.sha256(desc.encode()).hexdigest()[:16], desc
 
     def backend(self):
@@ -248,8 +291,9 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subject = _subject(cfg)
-    task = get_task(_task_cfg(cfg, subject))
-    test_sets = _test_sets(task, cfg.get("test_sets"))
+    task_cfg = _task_cfg(cfg, subject)
+    task = get_task(task_cfg)
+    test_sets, coverage = _searchable(task, task_cfg, _test_sets(task, cfg.get("test_sets")), cfg)
     sampling, n_samples, seeds = _sampling(cfg)
     tag_mode = str(cfg.get("tag_mode") or "positive")
     run = _Evaluation(
@@ -300,6 +344,8 @@ def evaluate(cfg: Mapping[str, Any], out_dir: str | Path, *, backend=None) -> di
         "files": {"trajectories": rundir.TRAJECTORIES,
                   "tool_cache": rundir.TOOL_CACHE if (out_dir / rundir.TOOL_CACHE).exists() else None},
     })
+    if coverage is not None:
+        metrics["corpus_coverage"] = coverage
     write_json_atomic(out_dir / rundir.METRICS, metrics)
     return metrics
 
@@ -331,8 +377,7 @@ def _run(run: _Evaluation, todo, path: Path, setup: str, setup_desc: str, done: 
                 trajectories = run_episodes(
                     backend, run.task, [(q, s) for _, q, s in chunk], run.call_tool,
                     sampling=Sampling(sampling.temperature, sampling.max_new_tokens, sampling.top_p, seed, sampling.stop),
-                    max_turns=run.max_turns, tag=run.modes[mode], placement=run.placement,
-                    instructions_role=run.instructions_role,
+                    max_turns=run.max_turns, tag=run.modes[mode], placement=run.placement, opening=run.opening,
                     provenance={"tag_mode": mode, "tag": run.modes[mode], "seed": seed, "setup": setup, "setup_desc": setup_desc},
                     on_step=show_turn,
                 )

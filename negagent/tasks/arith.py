@@ -20,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from negagent.errors import NegagentError
 from negagent.tasks import choice, integer, limit
-from negagent.tasks.base import Question, MAX_TURNS
+from negagent.tasks.base import Question, MAX_TURNS, PARSE_ERROR_RULES
 from negagent.tasks.instructions import react_instructions
 from negagent.tasks.math import SCORING_RULES, score_math
 
@@ -371,6 +371,7 @@ class ArithTask:
     scoring: str = "numeric"
 
     max_turns: int = MAX_TURNS
+    on_parse_error: str = "observe"
 
     name: ClassVar[str] = "arith"
     tools: ClassVar[tuple[str, ...]] = ("calculate",)
@@ -413,6 +414,7 @@ def build(cfg: Mapping[str, Any]) -> ArithTask:
     n_train, n_test = integer(cfg, "n_train", 2000), integer(cfg, "n_test", 200)
     return ArithTask(
         max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
+        on_parse_error=choice(cfg, "on_parse_error", PARSE_ERROR_RULES, "observe"),
         n_train=n_train if limit_train is None else min(n_train, limit_train),
         n_test=n_test if limit_test is None else min(n_test, limit_test),
         seed=integer(cfg, "seed", 0),

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MAX_TURNS = 7  # the paper's limit on model turns per episode; `task.max_turns` overrides it
+# What the agent loop does with a turn it cannot act on (`task.on_parse_error`): `observe` answers
+# "Invalid action" and goes on; `end` is the paper's loop: the episode ends and the turn is not stored.
+PARSE_ERROR_RULES = ("observe", "end")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Task(Protocol):
     tools: tuple[str, ...]  # tool names the agent may call, besides finish[...]
     instructions: str  # the system text: the ReAct protocol and the tools, in this project's words
     max_turns: int  # model turns per episode before it ends unsolved (collection and evaluation alike)
+    on_parse_error: str  # one of PARSE_ERROR_RULES (collection and evaluation alike)
 
     def train_questions(self) -> list[Question]:
         """The questions trajectories are collected on."""

@@ -3,6 +3,11 @@
 Local files are the paper's random subsets (8,000 train, 500 dev) whose ids index the official
 splits. `source: hub` loads the full official splits instead, numbering rows the same way, so an id
 names the same question either way; `limit_*` then keep the first N.
+
+The offline search corpus holds the context of 137 of the 500 dev questions (matched by question
+text: 80 with their paragraphs, 57 with their gold evidence sentences); an evaluation with
+`tools.search.backend=bm25` runs those only (`limit_test` counting among them) and says so in
+metrics.json (`corpus_coverage`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any, ClassVar
 
 from negagent.scoring import exact_match, f1
 from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
-from negagent.tasks.base import Question, MAX_TURNS
+from negagent.tasks.base import Question, MAX_TURNS, PARSE_ERROR_RULES
 from negagent.tasks.instructions import react_instructions
 
 _NAT = "the NAT repository's data folder, https://github.com/Reason-Wang/NAT"
@@ -51,10 +56,14 @@ class HotpotQATask:
     limit_test: int | None = None
 
     max_turns: int = MAX_TURNS
+    on_parse_error: str = "observe"
 
     name: ClassVar[str] = "hotpotqa"
     tools: ClassVar[tuple[str, ...]] = ("search",)
     instructions: ClassVar[str] = INSTRUCTIONS
+    # Its questions are answerable from their own context paragraphs: with offline search
+    # (tools.search.backend=bm25) an evaluation keeps the questions whose context the corpus holds.
+    context_bound: ClassVar[bool] = True
 
     def train_questions(self) -> list[Question]:
         records = first(load_records(TRAIN, self.source, self.data_dir), self.limit_train)
@@ -75,6 +84,7 @@ def build(cfg: Mapping[str, Any]) -> HotpotQATask:
     """A HotpotQATask from the `task` config (conf/task/hotpotqa.yaml)."""
     return HotpotQATask(
         max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
+        on_parse_error=choice(cfg, "on_parse_error", PARSE_ERROR_RULES, "observe"),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         limit_train=limit(cfg, "limit_train"),

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from negagent.errors import NegagentError
 from negagent.scoring import math_numeric, math_strict
 from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
-from negagent.tasks.base import Question, MAX_TURNS
+from negagent.tasks.base import Question, MAX_TURNS, PARSE_ERROR_RULES
 from negagent.tasks.instructions import react_instructions
 
 _GSM8K = "GSM8K, https://huggingface.co/datasets/openai/gsm8k"
@@ -81,6 +81,7 @@ class MathTask:
     scoring: str = "numeric"
 
     max_turns: int = MAX_TURNS
+    on_parse_error: str = "observe"
 
     name: ClassVar[str] = "math"
     tools: ClassVar[tuple[str, ...]] = ("calculate",)
@@ -125,6 +126,7 @@ def build(cfg: Mapping[str, Any]) -> MathTask:
         raise NegagentError(f"task.test_sets={list(names)}: choose from: {', '.join(TEST_SETS)}")
     return MathTask(
         max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
+        on_parse_error=choice(cfg, "on_parse_error", PARSE_ERROR_RULES, "observe"),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         test_set_names=names,

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from negagent.errors import NegagentError
 from negagent.scoring import yes_no
 from negagent.tasks import DataFile, HubSplit, choice, first, integer, limit, load_records
-from negagent.tasks.base import Question, MAX_TURNS
+from negagent.tasks.base import Question, MAX_TURNS, PARSE_ERROR_RULES
 from negagent.tasks.instructions import react_instructions
 
 _NAT = "the NAT repository's data folder, https://github.com/Reason-Wang/NAT"
@@ -65,6 +65,7 @@ class StrategyQATask:
     limit_test: int | None = None
 
     max_turns: int = MAX_TURNS
+    on_parse_error: str = "observe"
 
     name: ClassVar[str] = "strategyqa"
     tools: ClassVar[tuple[str, ...]] = ("search",)
@@ -87,6 +88,7 @@ def build(cfg: Mapping[str, Any]) -> StrategyQATask:
     """A StrategyQATask from the `task` config (conf/task/strategyqa.yaml)."""
     return StrategyQATask(
         max_turns=integer(cfg, "max_turns", MAX_TURNS, minimum=1),
+        on_parse_error=choice(cfg, "on_parse_error", PARSE_ERROR_RULES, "observe"),
         data_dir=cfg.get("data_dir"),
         source=choice(cfg, "source", ("local", "hub"), "local"),
         limit_train=limit(cfg, "limit_train"),

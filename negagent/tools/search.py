@@ -2,8 +2,10 @@
 
 Every backend returns its top-k passages as one observation, `#1: <passage> #2: <passage> ...`
 (the format of the paper's trajectories), each passage on one line and cut to `max_chars`.
-`BM25Search` is offline, over the HotpotQA and StrategyQA paragraphs of the data directory;
-`SerperSearch` asks Google through serper.dev. Network failures become "Error: ..." observations.
+`BM25Search` is offline, over the HotpotQA and StrategyQA paragraphs of the data directory (which
+hold the context of only some test questions: `corpus_questions` says which). `SerperSearch` is the
+paper's pipeline: Google's organic results through serper.dev, their snippets ranked by
+`negagent.tools.rerank`. Network failures become "Error: ..." observations.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import bm25s
 import httpx
 
 from negagent.errors import NegagentError
+from negagent.tools.rerank import DEFAULT_RERANKER, DEFAULT_RETRIEVER, SnippetRanker
 
 NO_RESULTS = "No results found."
 SERPER_URL = "https://google.serper.dev/search"
@@ -125,6 +128,22 @@ def _strategyqa_evidence(record: dict) -> Iterator[tuple[str, list[str]]]:
             yield from (("", [s]) for s in sentences)
 
 
+def _record_passages(record: dict) -> Iterator[tuple[str, list[str], bool]]:
+    """(title, sentences, is_whole_paragraph) for every passage one question record carries."""
+    if record.get("context"):
+        for title, sentences in _hotpot_context(record["context"]):
+            yield title, sentences, True
+    elif record.get("contexts"):
+        for context in record["contexts"]:
+            yield context["title"], [context["paragraph_text"]], True
+    elif record.get("golden_sentence"):
+        for title, sentences in _strategyqa_evidence(record):
+            yield title, sentences, False
+    elif record.get("evidence") and isinstance(record["evidence"][0], str):
+        for title, sentences in _grouped_evidence(record["evidence"]):
+            yield title, sentences, False
+
+
 def _file_passages(data: Any) -> Iterator[tuple[str, list[str], bool]]:
     """(title, sentences, is_whole_paragraph) for every passage in one file, whatever its format."""
     if _is_title_corpus(data):
@@ -132,25 +151,43 @@ def _file_passages(data: Any) -> Iterator[tuple[str, list[str], bool]]:
             yield title, sentences, True
         return
     for record in _records(data):
-        if not isinstance(record, dict):
-            continue
-        if record.get("context"):
-            for title, sentences in _hotpot_context(record["context"]):
-                yield title, sentences, True
-        elif record.get("contexts"):
-            for context in record["contexts"]:
-                yield context["title"], [context["paragraph_text"]], True
-        elif record.get("golden_sentence"):
-            for title, sentences in _strategyqa_evidence(record):
-                yield title, sentences, False
-        elif record.get("evidence") and isinstance(record["evidence"][0], str):
-            for title, sentences in _grouped_evidence(record["evidence"]):
-                yield title, sentences, False
+        if isinstance(record, dict):
+            yield from _record_passages(record)
 
 
 def _key(text: str) -> str:
     """Letters and digits only, lowercased: copies that differ in spacing or punctuation meet."""
     return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def question_key(question: str) -> str:
+    """How `corpus_questions` names a question: its letters and digits, lowercased."""
+    return _key(question)
+
+
+def corpus_questions(data_dir: str | Path) -> set[str]:
+    """`question_key`s of the questions whose context (paragraphs or gold evidence) the corpus holds.
+
+    The source files are question records carrying their passages; the corpus is their union, so a
+    question is covered when a record of it carries any. Records are matched by question text: ids
+    differ between the files (official hashes, row numbers, none).
+    """
+    data_dir = _existing_data_dir(data_dir)
+    keys: set[str] = set()
+    for path in _source_files(data_dir):
+        try:
+            data = _load_json_or_jsonl(path)
+            if _is_title_corpus(data):  # passages without questions
+                continue
+            for record in _records(data):
+                if not isinstance(record, dict):
+                    continue
+                question = record.get("question") or record.get("question_text")
+                if isinstance(question, str) and next(_record_passages(record), None) is not None:
+                    keys.add(_key(question))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise NegagentError(f"cannot read search corpus file {path} ({type(exc).__name__}: {exc})") from None
+    return keys
 
 
 def build_corpus(data_dir: str | Path) -> list[str]:
@@ -289,8 +326,25 @@ class BM25Search:
 # --- online search -----------------------------------------------------------------------------
 
 
+def missing_key_message(api_key_env: str) -> str:
+    """The one line that stops a serper run with neither an API key nor a recording to replay."""
+    return (
+        f"tools.search.backend=serper needs a serper.dev API key in the environment variable {api_key_env}: "
+        "set it, or replay a recorded run (tools.cache.mode=replay tools.cache.path=<its tool_cache.jsonl>), "
+        "or choose tools.search.backend=bm25 for an offline search that deviates from the paper"
+    )
+
+
 class SerperSearch:
-    """Google search through serper.dev; the API key is read from an environment variable only."""
+    """The paper's web search: Google's top `num_results` organic results through serper.dev, their
+    snippets ranked by `ranker` (bi-encoder keeps 5, cross-encoder orders them), the best `top_k` shown.
+
+    The API key is read from the environment variable `api_key_env` only and lives in the HTTP
+    client's headers, which neither repr, identity nor errors show. `replay_only`: a run whose
+    observations all come from a recording may go without a key (a live call is then an error).
+    As in the paper, Google's answer box is not shown; unlike it, a result without a snippet is
+    dropped rather than ranked as an empty passage.
+    """
 
     def __init__(
         self,
@@ -299,24 +353,29 @@ class SerperSearch:
         url: str = SERPER_URL,
         api_key_env: str = "SERPER_API_KEY",
         timeout_s: float = 10.0,
+        num_results: int = 10,
+        ranker: SnippetRanker | None = None,
+        replay_only: bool = False,
     ) -> None:
         key = os.environ.get(api_key_env)
-        if not key:
-            raise NegagentError(
-                f"search.backend=serper needs a serper.dev API key: set the environment variable {api_key_env}"
-            )
+        if not key and not replay_only:
+            raise NegagentError(missing_key_message(api_key_env))
         self.top_k, self.max_chars, self.url, self.api_key_env = top_k, max_chars, url, api_key_env
-        self.timeout_s = timeout_s
-        self.identity = f"serper:{url}:k{top_k}:chars{max_chars}"
-        # The key lives only in the client's default headers; neither repr nor errors show them.
-        self._client = httpx.Client(timeout=timeout_s, headers={"X-API-KEY": key})
+        self.timeout_s, self.num_results = timeout_s, num_results
+        self.ranker = ranker if ranker is not None else SnippetRanker()
+        # Everything that changes what a query returns, never the key: it keys the record/replay cache.
+        self.identity = f"serper:{url}:num{num_results}:{self.ranker.identity}:k{top_k}:chars{max_chars}"
+        self._client = httpx.Client(timeout=timeout_s, headers={"X-API-KEY": key}) if key else None
 
     def __repr__(self) -> str:
-        return f"SerperSearch(url={self.url!r}, top_k={self.top_k}, api_key_env={self.api_key_env!r})"
+        return (f"SerperSearch(url={self.url!r}, top_k={self.top_k}, api_key_env={self.api_key_env!r}, "
+                f"ranker={self.ranker!r})")
 
     def search(self, query: str) -> str:
+        if self._client is None:
+            return f"Error: no serper.dev API key in {self.api_key_env}, and no recorded observation for this query"
         try:
-            response = self._client.post(self.url, json={"q": query})
+            response = self._client.post(self.url, json={"q": query, "num": self.num_results})
             response.raise_for_status()
             data = response.json()
         except httpx.TimeoutException:
@@ -329,25 +388,35 @@ class SerperSearch:
             return f"Error: search request failed ({type(exc).__name__})"
         except ValueError:
             return "Error: search service answered with invalid JSON"
-        return format_passages(_serper_passages(data)[: self.top_k], self.max_chars)
+        results = _organic_results(data)[: self.num_results]
+        best = self.ranker.rank(query, results, self.top_k)
+        return format_passages([results[i][1] for i in best], self.max_chars)
 
 
-def _serper_passages(data: Any) -> list[str]:
-    """The direct answer first (as Google shows it), then the organic results' snippets."""
+def _organic_results(data: Any) -> list[tuple[str, str]]:
+    """(title, snippet) of the organic results in Google's order; those without a snippet are dropped."""
     if not isinstance(data, dict):
         return []
-    passages: list[str] = []
-    box = data.get("answerBox") or {}
-    if isinstance(box, dict) and (box.get("answer") or box.get("snippet")):
-        passages.append(str(box.get("answer") or box.get("snippet")))
+    results = []
     for result in data.get("organic") or []:
-        if isinstance(result, dict) and result.get("snippet"):
-            passages.append(str(result["snippet"]))
-    return passages
+        if isinstance(result, dict) and isinstance(result.get("snippet"), str) and result["snippet"].strip():
+            title = result.get("title")
+            results.append((title.strip() if isinstance(title, str) else "", result["snippet"]))
+    return results
 
 
-def build_search_backend(cfg: Mapping[str, Any]) -> SearchBackend:
-    """The backend named by `cfg["backend"]` (bm25 | serper), from the `search` config group."""
+def _at_least_one(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NegagentError(f"{key} must be at least 1, not {value!r}")
+    return value
+
+
+def build_search_backend(cfg: Mapping[str, Any], *, replay_only: bool = False) -> SearchBackend:
+    """The backend named by `cfg["backend"]` (bm25 | serper), from the `search` config group.
+
+    `replay_only`: every observation will come from a recording (tools.cache.mode=replay), so
+    serper needs no API key.
+    """
     backend = cfg.get("backend", "bm25")
     common = {"top_k": int(cfg.get("top_k", 3)), "max_chars": int(cfg.get("max_chars", 400))}
     for name, value in common.items():
@@ -357,10 +426,20 @@ def build_search_backend(cfg: Mapping[str, Any]) -> SearchBackend:
         return BM25Search(cfg.get("data_dir"), cfg.get("cache_dir") or "~/.cache/negagent", **common)
     if backend == "serper":
         serper = cfg.get("serper") or {}
+        retrieve_k = _at_least_one(serper.get("retrieve_k", 5), "search.serper.retrieve_k")
+        retriever = serper.get("retriever", DEFAULT_RETRIEVER)
+        if retriever and retrieve_k < common["top_k"]:
+            raise NegagentError(
+                f"search.serper.retrieve_k={retrieve_k} keeps fewer snippets than search.top_k={common['top_k']} shows"
+            )
+        ranker = SnippetRanker(retriever, retrieve_k, serper.get("reranker", DEFAULT_RERANKER), serper.get("device"))
         return SerperSearch(
             url=serper.get("url", SERPER_URL),
             api_key_env=serper.get("api_key_env", "SERPER_API_KEY"),
             timeout_s=float(serper.get("timeout_s", 10.0)),
+            num_results=_at_least_one(serper.get("num_results", 10), "search.serper.num_results"),
+            ranker=ranker,
+            replay_only=replay_only,
             **common,
         )
     raise NegagentError(f"unknown search.backend {backend!r}: use bm25 or serper")

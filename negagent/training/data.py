@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from negagent import tagging
 from negagent.errors import NegagentError
-from negagent.render import RenderedSample, Renderer, build_chat
+from negagent.render import ChatOpening, RenderedSample, Renderer, build_chat, chat_opening
 from negagent.trajectory import Trajectory, load_trajectories
 
 
@@ -57,21 +57,14 @@ def drop_overlap(trajectories: Sequence[Trajectory], shared: set[str]) -> list[T
 def render_samples(
     tagged: list[tagging.TaggedSample],
     renderer: Renderer,
-    instructions: str,
-    instructions_role: str = "system",
+    opening: ChatOpening | str,
 ) -> list[RenderedSample]:
-    """Render tagged samples for training (errors name the sample)."""
+    """Render tagged samples for training, each chat opened by `opening` (a ChatOpening, or the task's
+    instructions as the system turn); errors name the sample."""
     out = []
     for sample in tagged:
         traj = sample.trajectory
-        chat = build_chat(
-            instructions,
-            traj.question,
-            traj.messages,
-            tag=sample.tag,
-            placement=sample.placement,
-            instructions_role=instructions_role,
-        )
+        chat = build_chat(opening, traj.question, traj.messages, tag=sample.tag, placement=sample.placement)
         out.append(renderer.training(chat, traj.id, positive=traj.reward))
     return out
 
@@ -113,7 +106,7 @@ def prepare(
             raise NegagentError(f"{path}: every trajectory's question is in a test set; nothing left to train on")
     tag_cfg = cfg["tagging"]
     chosen = tagging.tag_samples(trajectories, tag_cfg)
-    samples = render_samples(chosen, renderer, task.instructions, cfg["render"].get("instructions_role", "system"))
+    samples = render_samples(chosen, renderer, chat_opening(cfg["render"], task.instructions))
     manifest = {
         "trajectories": str(path),
         "trajectories_sha256": file_sha256(path),

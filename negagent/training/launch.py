@@ -46,7 +46,7 @@ def resolve_config(cfg, overrides: Sequence[str], run_dir: Path, name_excludes: 
     the keys in `name_excludes` (Hydra's override_dirname exclude_keys: paths, the run dir)."""
     from omegaconf import OmegaConf
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     overrides = [redact_override(o) for o in overrides]  # the run's name and group are built from them
     named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in set(name_excludes)]
     resolved["run"] = {"dir": str(run_dir), "overrides": list(overrides), **run_identity(named)}
