@@ -201,3 +201,71 @@ def test_authors_strategyqa_trajectories_import_score_and_render_as_the_authors_
             assert tail in ("", "<s>[INST] Observation: Episode finished</s>"), traj.id
         else:
             assert tail == "" or (tail.startswith("<s>[INST] Observation: ") and tail.endswith("</s>")), traj.id
+
+
+def test_a_teacher_gets_the_papers_one_shot_demonstration(tmp_path, data_dir):
+    """generate.py with prompt=nat render.prompt_entry=one-shot: every teacher prompt opens with the paper's
+    solved example (never stored), then asks the question; the collected trajectories hold only the
+    episodes' own turns, and the collection records which prompt it used."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from negagent.backends.scripted import ScriptedTeacher
+    from negagent.collection.collect import collect
+    from negagent.tasks import get_task
+    from negagent.trajectory import load_trajectories
+
+    prompt_file = data_dir / "nat" / "prompts" / "gsm8k" / "gsm8k_conversation.json"
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("generate", overrides=[
+            "task=math", f"data_dir={data_dir}", "task.limit_train=4", "prompt=nat", f"render.prompt_file={prompt_file}",
+            "render.prompt_entry=one-shot", "generation.progress=false"])
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    demonstration = json.loads(prompt_file.read_text())["one-shot"]
+    assert cfg["render"]["opening"] == demonstration and len(demonstration) > 4  # instructions, ack, a solved example
+
+    class Recording(ScriptedTeacher):
+        chats: list = []
+
+        def complete(self, chats, sampling):
+            Recording.chats.extend(chats)
+            return super().complete(chats, sampling)
+
+    task = get_task(cfg["task"])
+    collect(cfg, tmp_path, backend=Recording(task, cfg["teacher"]["failure_rates"], name="scripted"))
+    first_turns = [chat for chat in Recording.chats if chat[-1]["content"].startswith("Question: ")]
+    assert len(first_turns) == 4 * 3  # every question at each of the paper's three temperatures
+    for chat in first_turns:
+        assert [{"role": m["role"], "content": m["content"]} for m in chat[:-1]] == demonstration
+        assert all(not m.get("train", True) for m in chat[:-1] if m["role"] == "assistant")
+    episodes, _ = load_trajectories(tmp_path / "episodes.jsonl", task="math")
+    assert episodes and all(t.messages[0]["role"] == "assistant" for t in episodes)
+    assert not any(m["content"] == demonstration[3]["content"] for t in episodes for m in t.messages)
+    prompt = json.loads((tmp_path / "collection.json").read_text())["prompt"]
+    assert prompt and {t.provenance["prompt"] for t in episodes} == {prompt}
+
+
+def test_a_qa_preset_without_search_access_stops_before_training(tmp_path, data_dir):
+    """A QA paper preset evaluates with the paper's search (serper): without SERPER_API_KEY and without a
+    recorded cache to replay, train.py stops with one line before reading data or training."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SERPER_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "experiment=strategyqa", f"data_dir={data_dir}",
+         "data.trajectories=not-read.jsonl", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
+    )
+    assert_one_line_error(result, "SERPER_API_KEY", "bm25")
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_an_exported_model_card_shows_a_question_line_tag_whole():
+    """A tag worded as the paper's (a whole question line) is shown as the line to ask with, not as a
+    line to put before the question."""
+    from negagent.export import _tag_section
+
+    lines = _tag_section({"strategy": "prefix", "inference_tag": "Question: {question}. Solve it correctly.",
+                          "placement": "prefix"})
+    assert lines[0] == "Inference question line: `Question: {question}. Solve it correctly.`"
+    assert "on its own line" not in " ".join(lines)
